@@ -1,0 +1,385 @@
+/*
+ * lb_sse: see lb_sse.h for the contract.
+ *
+ * Layout of the output buffer during a feed:
+ *
+ *   out[0 .. data_start)        completed events of this batch (data, then
+ *                               type and id copies when they are non-empty)
+ *   out[data_start .. out_len)  the data of the event being built, each data
+ *                               line followed by LF
+ *
+ * At the start of the next feed the event being built is moved to the front,
+ * so the buffer never holds more than one chunk's events plus one event.
+ * Complete lines are parsed in place from the caller's chunk; only a line cut
+ * by the end of a chunk is copied into the line buffer.
+ */
+#include "lb_sse.h"
+
+#include <limits.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct lb_sse {
+    size_t max_event;
+
+    unsigned char *out; /* see above */
+    size_t out_len, out_cap, data_start;
+
+    size_t *recs; /* LB_SSE_FIELDS per event */
+    size_t n_recs, recs_cap;
+
+    unsigned char *line; /* a line cut by the end of a chunk */
+    size_t line_len, line_cap;
+
+    unsigned char *type; /* event type buffer of the event being built */
+    size_t type_len, type_cap;
+
+    unsigned char *id; /* last event id buffer (persists across events) */
+    size_t id_len, id_cap;
+
+    long long retry;
+    unsigned long long fed;
+    int bom_pos; /* bytes of a leading BOM matched so far; 3 once decided */
+    int after_cr; /* the last byte seen was CR: an LF next is part of it */
+    int failed;
+};
+
+static const unsigned char BOM[3] = {0xEF, 0xBB, 0xBF};
+
+/* Make room for `need` bytes in *buf; doubling, never past `limit`. */
+static int grow(unsigned char **buf, size_t *cap, size_t need, size_t limit)
+{
+    size_t cap2;
+    unsigned char *p;
+    if (need <= *cap)
+        return 0;
+    if (need > limit)
+        return -1;
+    cap2 = *cap ? *cap : 256;
+    while (cap2 < need)
+        cap2 = (cap2 > limit / 2) ? limit : cap2 * 2;
+    p = realloc(*buf, cap2);
+    if (p == NULL)
+        return -1;
+    *buf = p;
+    *cap = cap2;
+    return 0;
+}
+
+/* Set a buffer's content to bytes v[0..n), bounded by limit. */
+static int set_buf(unsigned char **buf, size_t *len, size_t *cap, const unsigned char *v, size_t n,
+                   size_t limit)
+{
+    if (grow(buf, cap, n, limit) != 0)
+        return -1;
+    if (n)
+        memcpy(*buf, v, n);
+    *len = n;
+    return 0;
+}
+
+lb_sse *lb_sse_new(size_t max_event_bytes)
+{
+    lb_sse *s;
+    if (max_event_bytes == 0 || max_event_bytes > (SIZE_MAX / 4) - LB_SSE_LINE_SLACK)
+        return NULL;
+    s = calloc(1, sizeof *s);
+    if (s == NULL)
+        return NULL;
+    s->max_event = max_event_bytes;
+    s->retry = -1;
+    return s;
+}
+
+void lb_sse_free(lb_sse *s)
+{
+    if (s == NULL)
+        return;
+    free(s->out);
+    free(s->recs);
+    free(s->line);
+    free(s->type);
+    free(s->id);
+    free(s);
+}
+
+void lb_sse_reset(lb_sse *s)
+{
+    s->out_len = s->data_start = 0;
+    s->n_recs = 0;
+    s->line_len = s->type_len = s->id_len = 0;
+    s->retry = -1;
+    s->fed = 0;
+    s->bom_pos = 0;
+    s->after_cr = 0;
+    s->failed = 0;
+}
+
+/* Limit for the output buffer: it holds one chunk's events, so it may grow
+ * past max_event; it is bounded by what was fed. SIZE_MAX/2 only guards
+ * the arithmetic. */
+#define OUT_LIMIT (SIZE_MAX / 2)
+
+static int append_out(lb_sse *s, const unsigned char *v, size_t n)
+{
+    if (n > OUT_LIMIT - s->out_len)
+        return LB_SSE_ERR_NOMEM;
+    if (grow(&s->out, &s->out_cap, s->out_len + n, OUT_LIMIT) != 0)
+        return LB_SSE_ERR_NOMEM;
+    if (n)
+        memcpy(s->out + s->out_len, v, n);
+    s->out_len += n;
+    return 0;
+}
+
+static int dispatch(lb_sse *s)
+{
+    size_t *r;
+    size_t data_len, type_off, id_off;
+    int rc;
+
+    if (s->out_len == s->data_start) { /* empty data buffer: no event */
+        s->type_len = 0;
+        return 0;
+    }
+    data_len = s->out_len - s->data_start - 1; /* drop the last LF */
+    type_off = s->out_len;
+    if ((rc = append_out(s, s->type, s->type_len)) != 0)
+        return rc;
+    id_off = s->out_len;
+    if ((rc = append_out(s, s->id, s->id_len)) != 0)
+        return rc;
+
+    if (s->n_recs == s->recs_cap) {
+        size_t cap2 = s->recs_cap ? s->recs_cap * 2 : 64;
+        size_t *p;
+        if (cap2 > SIZE_MAX / (LB_SSE_FIELDS * sizeof(size_t)))
+            return LB_SSE_ERR_NOMEM;
+        p = realloc(s->recs, cap2 * LB_SSE_FIELDS * sizeof(size_t));
+        if (p == NULL)
+            return LB_SSE_ERR_NOMEM;
+        s->recs = p;
+        s->recs_cap = cap2;
+    }
+    r = s->recs + s->n_recs * LB_SSE_FIELDS;
+    r[0] = s->data_start;
+    r[1] = data_len;
+    r[2] = type_off;
+    r[3] = s->type_len;
+    r[4] = id_off;
+    r[5] = s->id_len;
+    s->n_recs++;
+
+    s->data_start = s->out_len;
+    s->type_len = 0;
+    return 0;
+}
+
+static int append_data(lb_sse *s, const unsigned char *v, size_t n)
+{
+    size_t have = s->out_len - s->data_start; /* includes one LF per earlier line */
+    /* The event's data is have + n bytes once joined (the trailing LF is dropped). */
+    if (n > s->max_event || have > s->max_event - n)
+        return LB_SSE_ERR_EVENT_TOO_LONG;
+    if (append_out(s, v, n) != 0)
+        return LB_SSE_ERR_NOMEM;
+    return append_out(s, (const unsigned char *)"\n", 1);
+}
+
+static int field_is(const unsigned char *f, size_t n, const char *name, size_t name_len)
+{
+    return n == name_len && memcmp(f, name, n) == 0;
+}
+
+static int process_line(lb_sse *s, const unsigned char *line, size_t n)
+{
+    const unsigned char *colon, *value;
+    size_t flen, vlen;
+
+    if (n == 0)
+        return dispatch(s);
+    if (line[0] == ':')
+        return 0; /* comment (llama-server's keep-alive ping) */
+
+    colon = memchr(line, ':', n);
+    if (colon != NULL) {
+        flen = (size_t)(colon - line);
+        value = colon + 1;
+        vlen = n - flen - 1;
+        if (vlen > 0 && value[0] == ' ') {
+            value++;
+            vlen--;
+        }
+    } else {
+        flen = n;
+        value = line + n;
+        vlen = 0;
+    }
+
+    if (field_is(line, flen, "data", 4))
+        return append_data(s, value, vlen);
+    if (field_is(line, flen, "event", 5)) {
+        if (set_buf(&s->type, &s->type_len, &s->type_cap, value, vlen, s->max_event) != 0)
+            return vlen > s->max_event ? LB_SSE_ERR_EVENT_TOO_LONG : LB_SSE_ERR_NOMEM;
+        return 0;
+    }
+    if (field_is(line, flen, "id", 2)) {
+        if (memchr(value, 0, vlen) != NULL)
+            return 0; /* an id containing NUL is ignored */
+        if (set_buf(&s->id, &s->id_len, &s->id_cap, value, vlen, s->max_event) != 0)
+            return vlen > s->max_event ? LB_SSE_ERR_EVENT_TOO_LONG : LB_SSE_ERR_NOMEM;
+        return 0;
+    }
+    if (field_is(line, flen, "retry", 5)) {
+        long long ms = 0;
+        size_t i;
+        if (vlen == 0)
+            return 0;
+        for (i = 0; i < vlen; i++) {
+            if (value[i] < '0' || value[i] > '9')
+                return 0; /* not all digits: ignored */
+            if (ms <= (LLONG_MAX - 9) / 10)
+                ms = ms * 10 + (value[i] - '0');
+            else
+                ms = LLONG_MAX; /* saturate rather than overflow */
+        }
+        s->retry = ms;
+        return 0;
+    }
+    if (field_is(line, flen, "error", 5)) {
+        /* llama.cpp extension (llama-server before 2025-09): "error: {json}". */
+        if (set_buf(&s->type, &s->type_len, &s->type_cap, (const unsigned char *)"error", 5,
+                    s->max_event) != 0)
+            return LB_SSE_ERR_NOMEM;
+        return append_data(s, value, vlen);
+    }
+    return 0; /* unknown field: ignored */
+}
+
+static long fail(lb_sse *s, int rc)
+{
+    s->failed = 1;
+    s->n_recs = 0;
+    return rc;
+}
+
+/* Keep a cut line for the next chunk. */
+static int carry(lb_sse *s, const unsigned char *p, size_t n)
+{
+    size_t limit = s->max_event + LB_SSE_LINE_SLACK;
+    if (n > limit || s->line_len > limit - n)
+        return LB_SSE_ERR_LINE_TOO_LONG;
+    if (grow(&s->line, &s->line_cap, s->line_len + n, limit) != 0)
+        return LB_SSE_ERR_NOMEM;
+    if (n) {
+        memcpy(s->line + s->line_len, p, n);
+        s->line_len += n;
+    }
+    return 0;
+}
+
+/* First CR or LF in [p, end), or end. */
+static const unsigned char *find_eol(const unsigned char *p, const unsigned char *end)
+{
+    while (p < end && *p != '\n' && *p != '\r')
+        p++;
+    return p;
+}
+
+long lb_sse_feed(lb_sse *s, const unsigned char *buf, size_t len)
+{
+    const unsigned char *p = buf, *end = buf + len;
+    int rc;
+
+    if (s->failed)
+        return LB_SSE_ERR_FAILED;
+
+    /* Start a new batch: move the event being built to the front. */
+    if (s->data_start > 0) {
+        size_t keep = s->out_len - s->data_start;
+        memmove(s->out, s->out + s->data_start, keep);
+        s->out_len = keep;
+        s->data_start = 0;
+    }
+    s->n_recs = 0;
+    s->fed += len;
+
+    /* One leading BOM is dropped, even when it arrives one byte at a time. */
+    while (s->bom_pos < 3 && p < end) {
+        if (*p == BOM[s->bom_pos]) {
+            s->bom_pos++;
+            p++;
+            continue;
+        }
+        /* Not a BOM after all: the bytes matched so far are ordinary text. */
+        if (s->bom_pos > 0 && (rc = carry(s, BOM, (size_t)s->bom_pos)) != 0)
+            return fail(s, rc);
+        s->bom_pos = 3;
+    }
+
+    if (s->after_cr && p < end) {
+        s->after_cr = 0;
+        if (*p == '\n')
+            p++; /* the LF of a CRLF split across chunks */
+    }
+
+    while (p < end) {
+        const unsigned char *eol = find_eol(p, end);
+        if (eol == end) {
+            if ((rc = carry(s, p, (size_t)(end - p))) != 0)
+                return fail(s, rc);
+            break;
+        }
+        if (s->line_len > 0) {
+            if ((rc = carry(s, p, (size_t)(eol - p))) != 0)
+                return fail(s, rc);
+            rc = process_line(s, s->line, s->line_len);
+            s->line_len = 0;
+        } else {
+            rc = process_line(s, p, (size_t)(eol - p));
+        }
+        if (rc != 0)
+            return fail(s, rc);
+        p = eol + 1;
+        if (*eol == '\r') {
+            if (p == end)
+                s->after_cr = 1;
+            else if (*p == '\n')
+                p++;
+        }
+    }
+    if (s->n_recs > (size_t)LONG_MAX)
+        return fail(s, LB_SSE_ERR_NOMEM);
+    return (long)s->n_recs;
+}
+
+const size_t *lb_sse_records(const lb_sse *s)
+{
+    return s->recs;
+}
+
+const unsigned char *lb_sse_out(const lb_sse *s)
+{
+    return s->out;
+}
+
+size_t lb_sse_out_len(const lb_sse *s)
+{
+    return s->data_start;
+}
+
+long long lb_sse_retry(const lb_sse *s)
+{
+    return s->retry;
+}
+
+size_t lb_sse_pending(const lb_sse *s)
+{
+    return s->line_len + (s->out_len - s->data_start) + (s->bom_pos < 3 ? (size_t)s->bom_pos : 0);
+}
+
+unsigned long long lb_sse_bytes_fed(const lb_sse *s)
+{
+    return s->fed;
+}

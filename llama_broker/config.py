@@ -1,0 +1,132 @@
+"""ModelConfig: where to send requests and how to treat them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional
+
+from .errors import ConfigError
+from .sse import DEFAULT_MAX_EVENT_BYTES
+
+__all__ = ["ModelConfig"]
+
+_CHAT_PATH = "/v1/chat/completions"
+
+
+def _positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model behind one OpenAI-compatible server (frozen; share it freely).
+
+    ``endpoint`` is the server's base URL (``http://127.0.0.1:8080``); trailing
+    slashes are stripped and ``/v1/chat/completions`` appended (an endpoint
+    already ending in ``/v1`` or ``/v1/chat/completions`` is taken as it is).
+    ``key_env`` names an environment variable read at request time: when it is
+    set and non-empty its value goes out as ``Authorization: Bearer …``; the
+    key itself is never stored here, printed or put in an error.
+
+    Timeouts: ``timeout_ms`` bounds the whole request, ``connect_timeout_ms``
+    the connection, ``idle_timeout_ms`` (``None`` for off) the time without a
+    single byte from the server (llama-server's ``:`` keep-alive pings count,
+    so a long prompt does not trip it; libcurl measures it in whole seconds,
+    rounded up). ``max_event_bytes`` bounds one SSE line/event,
+    ``max_error_body_bytes`` the part of an error body that is kept.
+
+    ``strict`` turns an undecodable payload into a ``ProtocolError`` instead of
+    skipping and counting it. ``max_retries`` (connect refused, reset before
+    the first byte, HTTP 503) retries with backoff within ``timeout_ms``; a
+    request that delivered output is never retried.
+
+    ``params`` are extra body fields sent with every request (``top_k``,
+    ``min_p``, ``n_probs``, ``cache_prompt``, ``id_slot``, ``json_schema``,
+    ``stream_options``, …); per-call ``**params`` override them.
+    """
+
+    endpoint: str
+    model: str = ""
+    key_env: Optional[str] = None
+    temperature: Optional[float] = 0.2
+    timeout_ms: int = 60000
+    connect_timeout_ms: int = 10000
+    idle_timeout_ms: Optional[int] = 30000
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    max_error_body_bytes: int = 64 * 1024
+    strict: bool = False
+    max_retries: int = 2
+    retry_backoff_ms: int = 250
+    follow_redirects: bool = False
+    verify: bool = True
+    ca_bundle: Optional[str] = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.endpoint, str) or not self.endpoint.strip():
+            raise ConfigError("ModelConfig.endpoint must be a non-empty URL string")
+        ep = self.endpoint.strip().rstrip("/")
+        if not ep.startswith(("http://", "https://")):
+            raise ConfigError(f"ModelConfig.endpoint must start with http:// or https://, got {ep!r}")
+        object.__setattr__(self, "endpoint", ep)
+        if not isinstance(self.model, str):
+            raise ConfigError(f"ModelConfig.model must be a str, got {self.model!r}")
+        if self.key_env is not None and (not isinstance(self.key_env, str) or not self.key_env):
+            raise ConfigError("ModelConfig.key_env must name an environment variable")
+        if self.temperature is not None and (
+            isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float))
+        ):
+            raise ConfigError(f"ModelConfig.temperature must be a number, got {self.temperature!r}")
+        _positive_int("timeout_ms", self.timeout_ms)
+        _positive_int("connect_timeout_ms", self.connect_timeout_ms)
+        _positive_int("idle_timeout_ms", self.idle_timeout_ms, allow_none=True)
+        _positive_int("max_event_bytes", self.max_event_bytes)
+        _positive_int("max_error_body_bytes", self.max_error_body_bytes)
+        _positive_int("retry_backoff_ms", self.retry_backoff_ms)
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ConfigError(f"ModelConfig.max_retries must be an int >= 0, got {self.max_retries!r}")
+        if not self.verify and self.ca_bundle:
+            raise ConfigError("ModelConfig: ca_bundle given but verify=False")
+        for k, v in dict(self.headers).items():
+            if not isinstance(k, str) or not isinstance(v, str) or "\n" in k + v or "\r" in k + v:
+                raise ConfigError(f"ModelConfig.headers: bad header {k!r}")
+        if "stream" in self.params:
+            raise ConfigError("ModelConfig.params: 'stream' is always true and cannot be set")
+
+    @property
+    def base_url(self) -> str:
+        """The server root (``endpoint`` without any ``/v1…`` suffix)."""
+        ep = self.endpoint
+        for suffix in (_CHAT_PATH, "/v1"):
+            if ep.endswith(suffix):
+                return ep[: -len(suffix)]
+        return ep
+
+    @property
+    def url(self) -> str:
+        """The chat completions URL requests go to."""
+        return self.base_url + _CHAT_PATH
+
+    def api_key(self) -> Optional[str]:
+        """The key from ``key_env``'s variable, or ``None`` when unset or empty."""
+        if self.key_env is None:
+            return None
+        return os.environ.get(self.key_env) or None
+
+    def body(self, messages: Any, params: Mapping[str, Any]) -> Dict[str, Any]:
+        """The JSON body for one chat request (``stream`` forced on)."""
+        body: Dict[str, Any] = {}
+        if self.model:
+            body["model"] = self.model
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        body.update(self.params)
+        body.update(params)
+        body["messages"] = messages
+        body["stream"] = True
+        return body
