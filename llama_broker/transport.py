@@ -1,0 +1,300 @@
+"""pycurl transport: one request's easy-handle setup, callbacks and errors.
+
+A :class:`Call` is one HTTP attempt. Its ``write`` callback is the only
+Python code curl runs per network chunk: it feeds the chunk to the C
+splitter and the batch of events to the decoder. An exception raised there
+(the caller's ``on_delta`` included) is stored, the callback returns 0 so
+curl aborts with a write error, and :meth:`Call.finish` re-raises it.
+
+``pycurl.error`` codes are translated here, in one place, into the
+:mod:`llama_broker.errors` tree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, Dict, List, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+import pycurl
+
+from .config import ModelConfig
+from .decoder import StreamDecoder, api_error_from_body
+from .errors import APIError, ConnectError, ProtocolError, TimeoutError_, TransportError
+from .sse import EventSplitter
+
+__all__ = ["Call", "new_handle", "translate_curl_error"]
+
+# curl's receive buffer: bigger means fewer write callbacks on a bulk stream.
+_BUFFER_SIZE = 256 * 1024
+
+_CONNECT_CODES = {
+    pycurl.E_COULDNT_CONNECT,
+    pycurl.E_COULDNT_RESOLVE_HOST,
+    pycurl.E_COULDNT_RESOLVE_PROXY,
+    pycurl.E_SSL_CONNECT_ERROR,
+    getattr(pycurl, "E_PEER_FAILED_VERIFICATION", 60),
+    getattr(pycurl, "E_SSL_CACERT", 60),
+}
+# The peer closed or reset the connection; before any byte arrived such a
+# request never reached the model and is safe to retry.
+_RESET_CODES = {
+    pycurl.E_GOT_NOTHING,
+    pycurl.E_RECV_ERROR,
+    pycurl.E_SEND_ERROR,
+    pycurl.E_PARTIAL_FILE,
+}
+_HTTP2_STREAM_ERROR = 92
+
+
+def new_handle() -> "pycurl.Curl":
+    """A fresh easy handle."""
+    return pycurl.Curl()
+
+
+def translate_curl_error(
+    code: int, text: str, *, url: str, nbytes: int, delivered: bool, phase: str
+) -> TransportError:
+    """The :class:`TransportError` for a libcurl error code (never carries the key)."""
+    where = f"{phase} {url}: curl error {code}: {text} ({nbytes} bytes received)"
+    if code in _CONNECT_CODES:
+        return ConnectError(f"could not connect to {where}", curl_code=code, bytes_received=nbytes)
+    if code == pycurl.E_OPERATION_TIMEDOUT:
+        what = "idle timeout" if "too slow" in text.lower() else "timeout"
+        return TimeoutError_(f"{what}: {where}", curl_code=code, bytes_received=nbytes, delivered=delivered)
+    if code in _RESET_CODES or code == _HTTP2_STREAM_ERROR:
+        return TransportError(
+            f"connection broken: {where}", curl_code=code, bytes_received=nbytes, delivered=delivered
+        )
+    return TransportError(f"transfer failed: {where}", curl_code=code, bytes_received=nbytes, delivered=delivered)
+
+
+def _safe_url(url: str) -> str:
+    """``url`` without credentials embedded in it (``user:pass@``)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+class Call:
+    """One HTTP attempt of one streamed chat request on one easy handle."""
+
+    def __init__(
+        self,
+        handle: "pycurl.Curl",
+        cfg: ModelConfig,
+        body: bytes,
+        decoder: StreamDecoder,
+        *,
+        deadline: float,
+        url: Optional[str] = None,
+    ) -> None:
+        self.handle = handle
+        self.cfg = cfg
+        self.decoder = decoder
+        self.splitter = EventSplitter(cfg.max_event_bytes)
+        self.url = url or cfg.url
+        self.status: Optional[int] = None
+        self.mode = 0  # 0: before the first byte; 1: event stream; 2: error body; 3: plain body
+        self.nbytes = 0
+        self.exc: Optional[BaseException] = None
+        self.body_parts: List[bytes] = []
+        self.body_len = 0
+        self.body_truncated = False
+        self.aborted_by_us = False
+        self.content_type = ""
+        self.location: Optional[str] = None
+        self._setup(handle, body, deadline)
+
+    # -- setup -------------------------------------------------------------
+    def _setup(self, c: "pycurl.Curl", body: bytes, deadline: float) -> None:
+        cfg = self.cfg
+        c.reset()  # keeps the connection cache: keep-alive survives
+        c.setopt(pycurl.URL, self.url)
+        c.setopt(pycurl.POST, 1)
+        c.setopt(pycurl.POSTFIELDS, body)
+        c.setopt(pycurl.POSTFIELDSIZE, len(body))
+        headers = [
+            "Content-Type: application/json",
+            "Accept: text/event-stream",
+            "Expect:",  # no 100-continue round trip for large bodies
+        ]
+        for k, v in cfg.headers.items():
+            headers.append(f"{k}: {v}")
+        key = cfg.api_key()
+        if key:
+            headers.append(f"Authorization: Bearer {key}")
+        c.setopt(pycurl.HTTPHEADER, headers)
+        c.setopt(pycurl.WRITEFUNCTION, self.write)
+        c.setopt(pycurl.HEADERFUNCTION, self.header)
+        c.setopt(pycurl.NOSIGNAL, 1)
+        c.setopt(pycurl.BUFFERSIZE, _BUFFER_SIZE)
+        c.setopt(pycurl.ACCEPT_ENCODING, "gzip, deflate")
+        remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
+        c.setopt(pycurl.TIMEOUT_MS, remaining_ms)
+        c.setopt(pycurl.CONNECTTIMEOUT_MS, min(cfg.connect_timeout_ms, remaining_ms))
+        if cfg.idle_timeout_ms is not None:
+            # "No byte for idle_timeout_ms": below 1 byte/s for that many seconds.
+            c.setopt(pycurl.LOW_SPEED_LIMIT, 1)
+            c.setopt(pycurl.LOW_SPEED_TIME, max(1, math.ceil(cfg.idle_timeout_ms / 1000)))
+        c.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        if cfg.follow_redirects:
+            c.setopt(pycurl.FOLLOWLOCATION, 1)
+            c.setopt(pycurl.MAXREDIRS, 5)
+            c.setopt(pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+            c.setopt(pycurl.POSTREDIR, pycurl.REDIR_POST_ALL)
+            # libcurl drops a custom Authorization header when the host, port or
+            # scheme changes unless UNRESTRICTED_AUTH is set; make that explicit.
+            c.setopt(pycurl.UNRESTRICTED_AUTH, 0)
+        else:
+            c.setopt(pycurl.FOLLOWLOCATION, 0)
+        if cfg.verify:
+            c.setopt(pycurl.SSL_VERIFYPEER, 1)
+            c.setopt(pycurl.SSL_VERIFYHOST, 2)
+            if cfg.ca_bundle:
+                c.setopt(pycurl.CAINFO, cfg.ca_bundle)
+        else:
+            c.setopt(pycurl.SSL_VERIFYPEER, 0)
+            c.setopt(pycurl.SSL_VERIFYHOST, 0)
+
+    # -- the write callback (per network chunk) ---------------------------------
+    def write(self, chunk: bytes) -> Optional[int]:
+        self.nbytes += len(chunk)
+        try:
+            if self.mode == 0:
+                self._first_bytes()
+            if self.mode == 1:
+                self.decoder.feed(*self.splitter.feed_raw(chunk))
+                return None
+            self._keep_body(chunk)
+            if self.body_truncated:
+                self.aborted_by_us = True
+                return 0
+            return None
+        except BaseException as e:  # noqa: BLE001 - re-raised by finish()
+            self.exc = e
+            return 0
+
+    def header(self, line: bytes) -> None:
+        # Called per header line (pycurl forbids getinfo() during perform()).
+        # A new status line (redirect, 100 Continue) starts a new header block.
+        if line[:5] == b"HTTP/":
+            parts = line.split(None, 2)
+            try:
+                self.status = int(parts[1])
+            except (IndexError, ValueError):
+                self.status = None
+            self.content_type = ""
+            self.location = None
+            return
+        name, sep, value = line.partition(b":")
+        if not sep:
+            return
+        name = name.strip().lower()
+        if name == b"content-type":
+            self.content_type = value.strip().decode("latin-1").lower()
+        elif name == b"location":
+            self.location = value.strip().decode("latin-1")
+
+    def _first_bytes(self) -> None:
+        status = self.status or 0
+        self.decoder.result.status = self.status
+        ctype = self.content_type
+        if not 200 <= status < 300:
+            self.mode = 2
+        elif "text/event-stream" in ctype or not ctype:
+            self.mode = 1
+        else:
+            self.mode = 3
+
+    def _keep_body(self, chunk: bytes) -> None:
+        limit = self.cfg.max_error_body_bytes if self.mode == 2 else self.cfg.max_event_bytes
+        room = limit - self.body_len
+        if len(chunk) > room:
+            chunk = chunk[: max(room, 0)]
+            self.body_truncated = True
+        if chunk:
+            self.body_parts.append(chunk)
+            self.body_len += len(chunk)
+
+    @property
+    def delivered(self) -> bool:
+        """Whether any delta reached the caller (then a retry would repeat text)."""
+        r = self.decoder.result
+        return r.deltas > 0 or r.finish_reason is not None
+
+    # -- after the transfer ---------------------------------------------------
+    def finish(self, curl_error: Optional[pycurl.error]) -> None:
+        """Raise what this attempt ended with, or return on success."""
+        if self.exc is not None:
+            raise self.exc
+        if self.mode == 0 and self.status is not None and not 200 <= self.status < 300:
+            self.mode = 2  # a status without a body
+        if self.mode == 2:
+            raise self._api_error()
+        if self.mode == 3:
+            if self.body_truncated:
+                raise ProtocolError(
+                    f"non-event-stream body over max_event_bytes ({self.cfg.max_event_bytes}) from {self.url}"
+                )
+            if curl_error is None:
+                self.decoder.feed_whole(b"".join(self.body_parts))
+                return
+        res = self.decoder.result
+        if curl_error is not None:
+            code, text = curl_error.args[0], str(curl_error.args[1]) if len(curl_error.args) > 1 else ""
+            if res.done or (res.finish_reason is not None and code in _RESET_CODES):
+                return  # everything was delivered; the connection just did not end cleanly
+            raise translate_curl_error(
+                code,
+                text,
+                url=_safe_url(self.url),
+                nbytes=self.nbytes,
+                delivered=self.delivered,
+                phase="POST",
+            ) from curl_error
+        self.splitter.close()
+        if not res.done and res.finish_reason is None:
+            raise TransportError(
+                f"stream ended early: the server closed the stream without [DONE] or a finish_reason "
+                f"after {res.events} events and {self.nbytes} bytes ({_safe_url(self.url)})",
+                bytes_received=self.nbytes,
+                delivered=self.delivered,
+            )
+
+    def _api_error(self) -> APIError:
+        raw_bytes = b"".join(self.body_parts)
+        raw = raw_bytes.decode("utf-8", "replace")
+        status = self.status
+        if 300 <= (status or 0) < 400:
+            return APIError(
+                f"redirect to {self.location or '(no Location)'} not followed (ModelConfig.follow_redirects is off)",
+                status=status,
+                body=raw or None,
+            )
+        body: Any
+        try:
+            body = json.loads(raw_bytes) if raw_bytes else None
+        except ValueError:
+            body = None
+        suffix = " (body truncated)" if self.body_truncated else ""
+        if body is not None:
+            err = api_error_from_body(body, status, raw + suffix)
+            if isinstance(body, dict) and ("error" in body or "message" in body):
+                return err
+        message = raw.strip() or f"HTTP {status} with an empty body"
+        return APIError(message + suffix, status=status, body=raw or None)
+
+
+def info(handle: "pycurl.Curl") -> Dict[str, Any]:
+    """A few timing facts of the last transfer on ``handle`` (for debugging)."""
+    return {
+        "status": handle.getinfo(pycurl.RESPONSE_CODE),
+        "connect_s": handle.getinfo(pycurl.CONNECT_TIME),
+        "starttransfer_s": handle.getinfo(pycurl.STARTTRANSFER_TIME),
+        "total_s": handle.getinfo(pycurl.TOTAL_TIME),
+        "num_connects": handle.getinfo(pycurl.NUM_CONNECTS),
+    }
