@@ -49,6 +49,10 @@ _RESET_CODES = {
 _HTTP2_STREAM_ERROR = 92
 
 
+def _tick(dltotal: int, dlnow: int, ultotal: int, ulnow: int) -> None:
+    return None
+
+
 def new_handle() -> "pycurl.Curl":
     """A fresh easy handle."""
     return pycurl.Curl()
@@ -131,6 +135,12 @@ class Call:
         c.setopt(pycurl.WRITEFUNCTION, self.write)
         c.setopt(pycurl.HEADERFUNCTION, self.header)
         c.setopt(pycurl.NOSIGNAL, 1)
+        # curl calls this several times a second even when no byte arrives, which
+        # is when Python gets to run a pending KeyboardInterrupt: pycurl aborts
+        # the transfer and re-raises it from perform(). Without it, Ctrl-C on a
+        # stalled server would wait for the idle timeout.
+        c.setopt(pycurl.NOPROGRESS, 0)
+        c.setopt(pycurl.XFERINFOFUNCTION, _tick)
         c.setopt(pycurl.BUFFERSIZE, _BUFFER_SIZE)
         c.setopt(pycurl.ACCEPT_ENCODING, "gzip, deflate")
         remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
