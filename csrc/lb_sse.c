@@ -43,6 +43,8 @@ struct lb_sse {
     int bom_pos; /* bytes of a leading BOM matched so far; 3 once decided */
     int after_cr; /* the last byte seen was CR: an LF next is part of it */
     int failed;
+    int batch_id_ok; /* batch_id_off holds a copy of id in this batch */
+    size_t batch_id_off;
 };
 
 static const unsigned char BOM[3] = {0xEF, 0xBB, 0xBF};
@@ -52,10 +54,10 @@ static int grow(unsigned char **buf, size_t *cap, size_t need, size_t limit)
 {
     size_t cap2;
     unsigned char *p;
-    if (need <= *cap)
-        return 0;
     if (need > limit)
         return -1;
+    if (need <= *cap)
+        return 0;
     cap2 = *cap ? *cap : 256;
     while (cap2 < need)
         cap2 = (cap2 > limit / 2) ? limit : cap2 * 2;
@@ -114,6 +116,7 @@ void lb_sse_reset(lb_sse *s)
     s->bom_pos = 0;
     s->after_cr = 0;
     s->failed = 0;
+    s->batch_id_ok = 0;
 }
 
 /* Limit for the output buffer: it holds one chunk's events, so it may grow
@@ -147,9 +150,15 @@ static int dispatch(lb_sse *s)
     type_off = s->out_len;
     if ((rc = append_out(s, s->type, s->type_len)) != 0)
         return rc;
-    id_off = s->out_len;
-    if ((rc = append_out(s, s->id, s->id_len)) != 0)
-        return rc;
+    if (s->batch_id_ok) {
+        id_off = s->batch_id_off;
+    } else {
+        id_off = s->out_len;
+        if ((rc = append_out(s, s->id, s->id_len)) != 0)
+            return rc;
+        s->batch_id_off = id_off;
+        s->batch_id_ok = 1;
+    }
 
     if (s->n_recs == s->recs_cap) {
         size_t cap2 = s->recs_cap ? s->recs_cap * 2 : 64;
@@ -220,15 +229,20 @@ static int process_line(lb_sse *s, const unsigned char *line, size_t n)
     if (field_is(line, flen, "data", 4))
         return append_data(s, value, vlen);
     if (field_is(line, flen, "event", 5)) {
-        if (set_buf(&s->type, &s->type_len, &s->type_cap, value, vlen, s->max_event) != 0)
-            return vlen > s->max_event ? LB_SSE_ERR_EVENT_TOO_LONG : LB_SSE_ERR_NOMEM;
+        if (vlen > s->max_event)
+            return LB_SSE_ERR_EVENT_TOO_LONG;
+        if (set_buf(&s->type, &s->type_len, &s->type_cap, value, vlen, s->max_event + LB_SSE_LINE_SLACK) != 0)
+            return LB_SSE_ERR_NOMEM;
         return 0;
     }
     if (field_is(line, flen, "id", 2)) {
         if (memchr(value, 0, vlen) != NULL)
             return 0; /* an id containing NUL is ignored */
+        if (vlen > s->max_event)
+            return LB_SSE_ERR_EVENT_TOO_LONG;
         if (set_buf(&s->id, &s->id_len, &s->id_cap, value, vlen, s->max_event) != 0)
-            return vlen > s->max_event ? LB_SSE_ERR_EVENT_TOO_LONG : LB_SSE_ERR_NOMEM;
+            return LB_SSE_ERR_NOMEM;
+        s->batch_id_ok = 0;
         return 0;
     }
     if (field_is(line, flen, "retry", 5)) {
@@ -239,7 +253,7 @@ static int process_line(lb_sse *s, const unsigned char *line, size_t n)
         for (i = 0; i < vlen; i++) {
             if (value[i] < '0' || value[i] > '9')
                 return 0; /* not all digits: ignored */
-            if (ms <= (LLONG_MAX - 9) / 10)
+            if (ms <= (LLONG_MAX - (value[i] - '0')) / 10)
                 ms = ms * 10 + (value[i] - '0');
             else
                 ms = LLONG_MAX; /* saturate rather than overflow */
@@ -250,7 +264,7 @@ static int process_line(lb_sse *s, const unsigned char *line, size_t n)
     if (field_is(line, flen, "error", 5)) {
         /* llama.cpp extension (llama-server before 2025-09): "error: {json}". */
         if (set_buf(&s->type, &s->type_len, &s->type_cap, (const unsigned char *)"error", 5,
-                    s->max_event) != 0)
+                    s->max_event + LB_SSE_LINE_SLACK) != 0)
             return LB_SSE_ERR_NOMEM;
         return append_data(s, value, vlen);
     }
@@ -289,7 +303,7 @@ static const unsigned char *find_eol(const unsigned char *p, const unsigned char
 
 long lb_sse_feed(lb_sse *s, const unsigned char *buf, size_t len)
 {
-    const unsigned char *p = buf, *end = buf + len;
+    const unsigned char *p = buf, *end = len ? buf + len : buf;
     int rc;
 
     if (s->failed)
@@ -303,6 +317,7 @@ long lb_sse_feed(lb_sse *s, const unsigned char *buf, size_t len)
         s->data_start = 0;
     }
     s->n_recs = 0;
+    s->batch_id_ok = 0;
     s->fed += len;
 
     /* One leading BOM is dropped, even when it arrives one byte at a time. */
@@ -336,6 +351,8 @@ long lb_sse_feed(lb_sse *s, const unsigned char *buf, size_t len)
                 return fail(s, rc);
             rc = process_line(s, s->line, s->line_len);
             s->line_len = 0;
+        } else if ((size_t)(eol - p) > s->max_event + LB_SSE_LINE_SLACK) {
+            rc = LB_SSE_ERR_LINE_TOO_LONG;
         } else {
             rc = process_line(s, p, (size_t)(eol - p));
         }

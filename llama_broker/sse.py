@@ -87,8 +87,9 @@ class EventSplitter:
         s = self._s
         if type(chunk) is bytes:
             n = lib.lb_sse_feed(s, chunk, len(chunk))
-        else:
-            n = lib.lb_sse_feed(s, ffi.from_buffer("unsigned char[]", chunk), len(chunk))
+        else:  # zero-copy; len() of the cdata is the byte count (a memoryview's len() is not)
+            buf = ffi.from_buffer("unsigned char[]", chunk)
+            n = lib.lb_sse_feed(s, buf, len(buf))
         if n <= 0:
             if n == 0:
                 return b"", []
