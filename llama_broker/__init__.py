@@ -5,6 +5,8 @@ splitter that returns all complete events at once; a small decoder turns
 them into deltas. See ``chat_stream``, ``chat`` and ``stream``.
 """
 
+import logging as _logging
+
 from .broker import Broker, DeltaStream, chat, chat_stream, stream
 from .config import ModelConfig
 from .decoder import Delta, StreamResult
@@ -20,6 +22,9 @@ from .errors import (
 from .sse import Event, EventSplitter
 
 __version__ = "0.1.0"
+
+# A library logs, the application decides where it goes (retries are WARNING).
+_logging.getLogger("llama_broker").addHandler(_logging.NullHandler())
 
 __all__ = [
     "APIError",

@@ -26,7 +26,7 @@ import pycurl
 
 from .config import ModelConfig
 from .decoder import Delta, StreamDecoder, StreamResult
-from .errors import APIError, BrokerError, ConfigError, ConnectError, TimeoutError_, TransportError
+from .errors import APIError, BrokerError, ConfigError, ConnectError, ProtocolError, TimeoutError_, TransportError
 from .transport import _RESET_CODES, Call
 
 __all__ = ["Broker", "DeltaStream", "chat", "chat_stream", "stream", "validate_messages"]
@@ -116,6 +116,7 @@ class Broker:
         self._multi: Optional["pycurl.CurlMulti"] = None
         self._streams: Dict[int, "weakref.ReferenceType[DeltaStream]"] = {}
         self._waiting: List["weakref.ReferenceType[DeltaStream]"] = []
+        self._orphans: List["pycurl.Curl"] = []  # handles of streams dropped while open
         self._closed = False
 
     # -- handles -------------------------------------------------------------
@@ -176,8 +177,37 @@ class Broker:
         self.chat_stream(messages, parts.append, cfg=cfg, **params)
         return "".join(parts)
 
+    def request_json(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        cfg: Optional[ModelConfig] = None,
+    ) -> Any:
+        """One non-streamed JSON request to ``cfg.base_url + path`` (``GET /health``,
+        ``POST /tokenize`` …) over the same transport, errors and retries.
+        Returns the decoded JSON body (``None`` for an empty one)."""
+        cfg = self._cfg(cfg)
+        data = None
+        if body is not None:
+            try:
+                data = json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
+            except (TypeError, ValueError, UnicodeEncodeError) as e:
+                raise ConfigError(f"the {method} {path} body cannot be sent as JSON: {e}") from e
+        whole = _WholeBody()
+        self._perform(cfg, data, lambda t0: whole, url=cfg.base_url + path, method=method, streaming=False)  # type: ignore[arg-type, return-value]
+        return whole.value
+
     def _perform(
-        self, cfg: ModelConfig, body: bytes, make_decoder: Callable[[float], StreamDecoder]
+        self,
+        cfg: ModelConfig,
+        body: Optional[bytes],
+        make_decoder: Callable[[float], StreamDecoder],
+        *,
+        url: Optional[str] = None,
+        method: str = "POST",
+        streaming: bool = True,
     ) -> StreamResult:
         t0 = time.monotonic()
         deadline = t0 + cfg.timeout_ms / 1000.0
@@ -187,7 +217,9 @@ class Broker:
             handle = self._acquire()
             call: Optional[Call] = None
             try:
-                call = Call(handle, cfg, body, decoder, deadline=deadline)
+                call = Call(
+                    handle, cfg, body, decoder, deadline=deadline, url=url, method=method, streaming=streaming
+                )
                 curl_error: Optional[pycurl.error] = None
                 try:
                     handle.perform()
@@ -242,6 +274,8 @@ class Broker:
         return self._multi
 
     def _start(self, s: "DeltaStream") -> None:
+        if self._orphans:
+            self._cut_orphans()
         handle = self._acquire()
         s._decoder = StreamDecoder(None, s._queue.append, strict=s.cfg.strict, t0=s._t0)
         try:
@@ -267,9 +301,20 @@ class Broker:
         else:
             handle.close()  # a transfer cut short: its connection must go
 
+    def _cut_orphans(self) -> None:
+        """Close the connections of streams that were dropped while open."""
+        while self._orphans:
+            handle = self._orphans.pop()
+            self._streams.pop(id(handle), None)
+            if self._multi is not None:
+                self._multi.remove_handle(handle)
+            handle.close()
+
     def _drive(self, waiter: "DeltaStream") -> None:
         """Run transfers until ``waiter`` has a delta or is finished (one wait at most)."""
         m = self._get_multi()
+        if self._orphans:
+            self._cut_orphans()
         while True:
             ret, _ = m.perform()
             if ret != pycurl.E_CALL_MULTI_PERFORM:
@@ -311,6 +356,8 @@ class Broker:
         ref = self._streams.get(id(handle))
         s = ref() if ref is not None else None
         if s is None:  # its stream was dropped; just recycle the handle
+            if handle in self._orphans:
+                self._orphans.remove(handle)
             self._streams.pop(id(handle), None)
             if self._multi is not None:
                 self._multi.remove_handle(handle)
@@ -344,6 +391,7 @@ class Broker:
         """Close every pooled handle and the multi handle. Open streams are cut."""
         if self._closed:
             return
+        self._cut_orphans()
         for ref in list(self._streams.values()):
             s = ref()
             if s is not None:
@@ -364,6 +412,24 @@ class Broker:
 
     def __repr__(self) -> str:
         return f"Broker(cfg={self.cfg!r}, idle_handles={len(self._idle)}, open_streams={len(self._streams)})"
+
+
+class _WholeBody:
+    """The "decoder" of a non-streamed JSON request: keeps the parsed body."""
+
+    def __init__(self) -> None:
+        self.result = StreamResult()
+        self.value: Any = None
+
+    def feed(self, out: bytes, recs: List[int]) -> None:  # pragma: no cover - never streaming
+        raise AssertionError("a JSON request got an event stream")
+
+    def feed_whole(self, body: bytes) -> None:
+        try:
+            self.value = json.loads(body) if body.strip() else None
+        except ValueError as e:
+            raise ProtocolError(f"the server's JSON body cannot be decoded: {body[:200]!r}") from e
+        self.result.done = True
 
 
 def _discard(chunk: bytes) -> int:
@@ -429,11 +495,12 @@ class DeltaStream:
         self.close()
 
     def __del__(self) -> None:
-        try:
-            if not self._finished and self._handle is not None:
-                self.close()
-        except Exception:  # noqa: BLE001 - never raise from a finalizer
-            pass
+        # A finalizer may run inside a curl callback (garbage collection can
+        # happen anywhere), where the multi handle must not be touched: hand
+        # the handle to the Broker, which cuts it at its next turn.
+        handle = self.__dict__.get("_handle")
+        if handle is not None and not self._finished:
+            self._broker._orphans.append(handle)
 
 
 # -- module-level functions over a per-thread default Broker -------------------------

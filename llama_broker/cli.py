@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -111,11 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_prompt(prompt: str) -> str:
-    if prompt != "-":
-        return prompt
-    if sys.stdin is None or sys.stdin.isatty():
-        raise _UsageError("no prompt given (pass it as an argument or on stdin)")
-    return sys.stdin.read()
+    if prompt == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise _UsageError("no prompt given (pass it as an argument or on stdin)")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise _UsageError("the prompt is empty")
+    return prompt
 
 
 class _UsageError(Exception):
@@ -149,7 +152,7 @@ def _fmt_summary(result: Any, ttft: Optional[float], elapsed: float, n_deltas: i
 
 def _delta_json(delta: Any) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
-    for name in ("content", "reasoning_content", "tool_calls", "finish_reason"):
+    for name in ("content", "reasoning_content", "tool_calls", "finish_reason", "logprobs"):
         value = getattr(delta, name, None)
         if value:
             out[name] = value
@@ -301,11 +304,24 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 # -- main -------------------------------------------------------------------
 
 
+def _setup_logging(quiet: bool) -> None:
+    """The library's warnings (retries, skipped payloads) as short stderr lines."""
+    logger = logging.getLogger("llama_broker")
+    if not any(getattr(h, "_llama_broker_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("llama-broker: %(message)s"))
+        handler._llama_broker_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.ERROR if quiet else logging.WARNING)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``llama-broker`` / ``python -m llama_broker``; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     out, err = sys.stdout, sys.stderr
+    _setup_logging(bool(getattr(args, "quiet", False)))
     old_handlers = {}
     for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if signum is None:

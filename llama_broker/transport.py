@@ -13,7 +13,6 @@ curl aborts with a write error, and :meth:`Call.finish` re-raises it.
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import Any, Dict, List, Optional
 from urllib.parse import urlsplit, urlunsplit
@@ -22,7 +21,7 @@ import pycurl
 
 from .config import ModelConfig
 from .decoder import StreamDecoder, api_error_from_body
-from .errors import APIError, ConnectError, ProtocolError, TimeoutError_, TransportError
+from .errors import APIError, BrokerError, ConnectError, ProtocolError, TimeoutError_, TransportError
 from .sse import EventSplitter
 
 __all__ = ["Call", "new_handle", "translate_curl_error"]
@@ -49,8 +48,24 @@ _RESET_CODES = {
 _HTTP2_STREAM_ERROR = 92
 
 
-def _tick(dltotal: int, dlnow: int, ultotal: int, ulnow: int) -> None:
-    return None
+_SECRET_HEADERS = {"authorization", "x-api-key", "proxy-authorization", "api-key"}
+
+
+def _redact(err: BrokerError, secrets: List[str]) -> None:
+    """Replace every secret in the error's message (and an APIError's body)."""
+    if not secrets:
+        return
+    msg = err.message
+    for sec in secrets:
+        msg = msg.replace(sec, "***")
+    if msg != err.message:
+        err.message = msg
+        err.args = (msg,)
+    if isinstance(err, APIError) and err.body:
+        body = err.body
+        for sec in secrets:
+            body = body.replace(sec, "***")
+        err.body = body
 
 
 def new_handle() -> "pycurl.Curl":
@@ -90,11 +105,13 @@ class Call:
         self,
         handle: "pycurl.Curl",
         cfg: ModelConfig,
-        body: bytes,
+        body: Optional[bytes],
         decoder: StreamDecoder,
         *,
         deadline: float,
         url: Optional[str] = None,
+        method: str = "POST",
+        streaming: bool = True,
     ) -> None:
         self.handle = handle
         self.cfg = cfg
@@ -111,21 +128,28 @@ class Call:
         self.aborted_by_us = False
         self.content_type = ""
         self.location: Optional[str] = None
-        self._setup(handle, body, deadline)
+        self.streaming = streaming
+        self.method = method
+        self.idle_s = None if cfg.idle_timeout_ms is None else cfg.idle_timeout_ms / 1000.0
+        self.idle_fired = False
+        self._last_dlnow = -1
+        self._idle_since: Optional[float] = None
+        self._setup(handle, method, body, deadline)
 
     # -- setup -------------------------------------------------------------
-    def _setup(self, c: "pycurl.Curl", body: bytes, deadline: float) -> None:
+    def _setup(self, c: "pycurl.Curl", method: str, body: Optional[bytes], deadline: float) -> None:
         cfg = self.cfg
         c.reset()  # keeps the connection cache: keep-alive survives
         c.setopt(pycurl.URL, self.url)
-        c.setopt(pycurl.POST, 1)
-        c.setopt(pycurl.POSTFIELDS, body)
-        c.setopt(pycurl.POSTFIELDSIZE, len(body))
-        headers = [
-            "Content-Type: application/json",
-            "Accept: text/event-stream",
-            "Expect:",  # no 100-continue round trip for large bodies
-        ]
+        headers = ["Accept: text/event-stream" if self.streaming else "Accept: application/json"]
+        if body is not None:
+            c.setopt(pycurl.POST, 1)
+            c.setopt(pycurl.POSTFIELDS, body)
+            c.setopt(pycurl.POSTFIELDSIZE, len(body))
+            headers.append("Content-Type: application/json")
+            headers.append("Expect:")  # no 100-continue round trip for large bodies
+        if method != ("POST" if body is not None else "GET"):
+            c.setopt(pycurl.CUSTOMREQUEST, method)
         for k, v in cfg.headers.items():
             headers.append(f"{k}: {v}")
         key = cfg.api_key()
@@ -135,21 +159,18 @@ class Call:
         c.setopt(pycurl.WRITEFUNCTION, self.write)
         c.setopt(pycurl.HEADERFUNCTION, self.header)
         c.setopt(pycurl.NOSIGNAL, 1)
-        # curl calls this several times a second even when no byte arrives, which
-        # is when Python gets to run a pending KeyboardInterrupt: pycurl aborts
-        # the transfer and re-raises it from perform(). Without it, Ctrl-C on a
-        # stalled server would wait for the idle timeout.
+        # curl calls the progress function several times a second even when no
+        # byte arrives: it measures the idle timeout, and it is when Python gets
+        # to run a pending KeyboardInterrupt (pycurl aborts the transfer and
+        # re-raises it from perform(); without it Ctrl-C on a stalled server
+        # would wait for a timeout).
         c.setopt(pycurl.NOPROGRESS, 0)
-        c.setopt(pycurl.XFERINFOFUNCTION, _tick)
+        c.setopt(pycurl.XFERINFOFUNCTION, self.progress)
         c.setopt(pycurl.BUFFERSIZE, _BUFFER_SIZE)
         c.setopt(pycurl.ACCEPT_ENCODING, "gzip, deflate")
         remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
         c.setopt(pycurl.TIMEOUT_MS, remaining_ms)
         c.setopt(pycurl.CONNECTTIMEOUT_MS, min(cfg.connect_timeout_ms, remaining_ms))
-        if cfg.idle_timeout_ms is not None:
-            # "No byte for idle_timeout_ms": below 1 byte/s for that many seconds.
-            c.setopt(pycurl.LOW_SPEED_LIMIT, 1)
-            c.setopt(pycurl.LOW_SPEED_TIME, max(1, math.ceil(cfg.idle_timeout_ms / 1000)))
         c.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
         if cfg.follow_redirects:
             c.setopt(pycurl.FOLLOWLOCATION, 1)
@@ -170,10 +191,28 @@ class Call:
             c.setopt(pycurl.SSL_VERIFYPEER, 0)
             c.setopt(pycurl.SSL_VERIFYHOST, 0)
 
+    # -- the progress callback (per curl loop turn, and a few times a second) ---
+    def progress(self, dltotal: int, dlnow: int, ultotal: int, ulnow: int) -> Optional[int]:
+        # While bytes flow this is one comparison: the clock is read only once
+        # the count stops moving, to time the idle gap.
+        if dlnow != self._last_dlnow:
+            self._last_dlnow = dlnow
+            self._idle_since = None
+            return None
+        if self.idle_s is None:
+            return None
+        now = time.monotonic()
+        if self._idle_since is None:
+            self._idle_since = now
+        elif now - self._idle_since >= self.idle_s:
+            self.idle_fired = True
+            return 1  # abort: finish() raises TimeoutError_
+        return None
+
     # -- the write callback (per network chunk) ---------------------------------
     def write(self, chunk: bytes) -> Optional[int]:
-        self.nbytes += len(chunk)
         try:
+            self.nbytes += len(chunk)
             if self.mode == 0:
                 self._first_bytes()
             if self.mode == 1:
@@ -188,8 +227,17 @@ class Call:
             self.exc = e
             return 0
 
-    def header(self, line: bytes) -> None:
+    def header(self, line: bytes) -> Optional[int]:
         # Called per header line (pycurl forbids getinfo() during perform()).
+        # Like write(), it never lets an exception escape into pycurl.
+        try:
+            self._header(line)
+            return None
+        except BaseException as e:  # noqa: BLE001 - re-raised by finish()
+            self.exc = e
+            return 0
+
+    def _header(self, line: bytes) -> None:
         # A new status line (redirect, 100 Continue) starts a new header block.
         if line[:5] == b"HTTP/":
             parts = line.split(None, 2)
@@ -215,7 +263,7 @@ class Call:
         ctype = self.content_type
         if not 200 <= status < 300:
             self.mode = 2
-        elif "text/event-stream" in ctype or not ctype:
+        elif self.streaming and ("text/event-stream" in ctype or not ctype):
             self.mode = 1
         else:
             self.mode = 3
@@ -238,13 +286,37 @@ class Call:
 
     # -- after the transfer ---------------------------------------------------
     def finish(self, curl_error: Optional[pycurl.error]) -> None:
-        """Raise what this attempt ended with, or return on success."""
+        """Raise what this attempt ended with, or return on success.
+
+        Any secret the request carried (the key, custom auth headers) is
+        replaced by ``***`` in the error, even when the server echoed it."""
+        try:
+            self._finish(curl_error)
+        except BrokerError as err:
+            _redact(err, self._secrets())
+            raise
+
+    def _secrets(self) -> List[str]:
+        out = []
+        key = self.cfg.api_key()
+        if key:
+            out.append(key)
+        for k, v in self.cfg.headers.items():
+            if k.lower() in _SECRET_HEADERS:
+                out.append(v)
+                if " " in v:
+                    out.append(v.split(" ", 1)[1])  # the token of "Bearer <token>"
+        return [x for x in out if len(x) >= 4]
+
+    def _finish(self, curl_error: Optional[pycurl.error]) -> None:
         if self.exc is not None:
             raise self.exc
         if self.mode == 0 and self.status is not None and not 200 <= self.status < 300:
             self.mode = 2  # a status without a body
         if self.mode == 2:
             raise self._api_error()
+        if self.mode == 0 and not self.streaming and curl_error is None:
+            self.mode = 3  # a 2xx with an empty body
         if self.mode == 3:
             if self.body_truncated:
                 raise ProtocolError(
@@ -254,6 +326,14 @@ class Call:
                 self.decoder.feed_whole(b"".join(self.body_parts))
                 return
         res = self.decoder.result
+        if self.idle_fired:
+            raise TimeoutError_(
+                f"idle timeout: no byte for {self.cfg.idle_timeout_ms} ms from {self.method} "
+                f"{_safe_url(self.url)} ({self.nbytes} bytes received)",
+                curl_code=getattr(pycurl, "E_ABORTED_BY_CALLBACK", 42),
+                bytes_received=self.nbytes,
+                delivered=self.delivered,
+            )
         if curl_error is not None:
             code, text = curl_error.args[0], str(curl_error.args[1]) if len(curl_error.args) > 1 else ""
             if res.done or (res.finish_reason is not None and code in _RESET_CODES):
@@ -264,7 +344,7 @@ class Call:
                 url=_safe_url(self.url),
                 nbytes=self.nbytes,
                 delivered=self.delivered,
-                phase="POST",
+                phase=self.method,
             ) from curl_error
         self.splitter.close()
         if not res.done and res.finish_reason is None:
