@@ -51,6 +51,27 @@ const unsigned char *lb_sse_out(const lb_sse *s);
 /* Bytes of output referenced by the last batch's records. */
 size_t lb_sse_out_len(const lb_sse *s);
 
+/*
+ * The content fast path. lb_sse_feed_fast() is lb_sse_feed() followed by
+ * lb_json_chunk_content() on every untyped event of the batch: the contents
+ * of the events of the common chat-chunk shape are unescaped into one UTF-8
+ * text, so the caller decodes one string per chunk instead of one JSON
+ * document per event. marks[i] is event i's content length in code points
+ * (>= 1), or -1 when the event needs the general decoder (read it through
+ * lb_sse_records()/lb_sse_out() as usual). The struct lives inside the
+ * splitter (its address never changes); its pointers and values are valid
+ * until the next feed, reset or free.
+ */
+typedef struct lb_sse_fast {
+    size_t n_fast;             /* events whose content was extracted */
+    size_t text_len;           /* bytes in text */
+    const char *text;          /* their contents, concatenated in event order */
+    const long *marks;         /* one per event: code points, or -1 */
+} lb_sse_fast;
+
+long lb_sse_feed_fast(lb_sse *s, const unsigned char *buf, size_t len);
+const lb_sse_fast *lb_sse_fast_info(const lb_sse *s);
+
 /* The last valid retry field in milliseconds, or -1 when none was seen. */
 long long lb_sse_retry(const lb_sse *s);
 /* Bytes held for an unfinished line or event (what end of stream would drop). */

@@ -23,7 +23,7 @@ work="$here/corpus-work"
 mkdir -p "$out" "$work"
 "$cc" -std=c99 -g -O1 -Wall -Wextra -Werror \
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer \
-    -I "$csrc" "$here/fuzz_lb_sse.c" "$csrc/lb_sse.c" -o "$out/fuzz_lb_sse"
+    -I "$csrc" "$here/fuzz_lb_sse.c" "$csrc/lb_sse.c" "$csrc/lb_json.c" -o "$out/fuzz_lb_sse"
 
 cp -n "$here"/corpus/* "$work"/ 2>/dev/null || true
 

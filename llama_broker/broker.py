@@ -155,7 +155,7 @@ class Broker:
         """
         cfg = self._cfg(cfg)
         body = _encode_body(cfg, messages, params)
-        return self._perform(cfg, body, lambda t0: StreamDecoder(on_delta, strict=cfg.strict, t0=t0))
+        return self._perform(cfg, body, lambda t0: StreamDecoder(on_delta, strict=cfg.strict, t0=t0, max_event_bytes=cfg.max_event_bytes))
 
     def chat_deltas(
         self,
@@ -169,7 +169,7 @@ class Broker:
         (reasoning, tool-call fragments, finish reason, logprobs too)."""
         cfg = self._cfg(cfg)
         body = _encode_body(cfg, messages, params)
-        return self._perform(cfg, body, lambda t0: StreamDecoder(None, on_delta, strict=cfg.strict, t0=t0))
+        return self._perform(cfg, body, lambda t0: StreamDecoder(None, on_delta, strict=cfg.strict, t0=t0, max_event_bytes=cfg.max_event_bytes))
 
     def chat(self, messages: Messages, *, cfg: Optional[ModelConfig] = None, **params: Any) -> str:
         """The whole reply as one string (streamed underneath, only the text kept)."""
@@ -277,7 +277,9 @@ class Broker:
         if self._orphans:
             self._cut_orphans()
         handle = self._acquire()
-        s._decoder = StreamDecoder(None, s._queue.append, strict=s.cfg.strict, t0=s._t0)
+        s._decoder = StreamDecoder(
+            None, s._queue.append, strict=s.cfg.strict, t0=s._t0, max_event_bytes=s.cfg.max_event_bytes
+        )
         try:
             s._call = Call(handle, s.cfg, s._body, s._decoder, deadline=s._deadline)
         except BaseException:

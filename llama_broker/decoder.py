@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
+from ._sse import ffi, lib
 from .errors import APIError, ProtocolError
+from .sse import DEFAULT_MAX_EVENT_BYTES, EventSplitter
 
 try:  # orjson is ~3x faster than json on these payloads (see benchmarks/).
     from orjson import loads as _loads
@@ -28,6 +30,8 @@ __all__ = ["Delta", "StreamResult", "StreamDecoder", "api_error_from_body"]
 log = logging.getLogger("llama_broker")
 
 _N = 6  # LB_SSE_FIELDS
+_feed_fast = lib.lb_sse_feed_fast
+_unpack = ffi.unpack
 _DECODE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError)
 
 
@@ -104,7 +108,18 @@ class StreamDecoder:
     ``on_content`` is then not used.
     """
 
-    __slots__ = ("on_content", "on_delta", "strict", "result", "t0", "_warned")
+    __slots__ = (
+        "on_content",
+        "on_delta",
+        "strict",
+        "result",
+        "t0",
+        "_warned",
+        "splitter",
+        "_emit_fast",
+        "_s",
+        "_fast",
+    )
 
     def __init__(
         self,
@@ -113,6 +128,7 @@ class StreamDecoder:
         *,
         strict: bool = False,
         t0: Optional[float] = None,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ) -> None:
         self.on_content = on_content
         self.on_delta = on_delta
@@ -120,8 +136,74 @@ class StreamDecoder:
         self.result = StreamResult()
         self.t0 = time.monotonic() if t0 is None else t0
         self._warned = 0
+        #: The splitter :meth:`feed_bytes` feeds (one per stream).
+        self.splitter = EventSplitter(max_event_bytes)
+        self._s = self.splitter._s  # the C state, called directly on the hot path
+        self._fast = self.splitter.fast
+        if on_delta is not None:
+            self._emit_fast: Callable[[str], Any] = lambda text, _d=Delta, _f=on_delta: _f(_d(text))
+        else:
+            self._emit_fast = on_content  # type: ignore[assignment]
 
-    # -- hot path ---------------------------------------------------------
+    # -- the hot path: bytes in, one C call per network chunk ----------------
+    def feed_bytes(self, chunk: bytes) -> None:
+        """Feed one network chunk of the event stream.
+
+        The C side splits it and unescapes the content of every common
+        content-only chunk into one UTF-8 text; Python decodes that text once
+        and hands out one slice per event. Other events (role, finish,
+        usage, errors, reasoning, tool calls …) take :meth:`_general`.
+        """
+        res = self.result
+        if res.done:
+            return
+        if chunk.__class__ is not bytes:
+            chunk = bytes(chunk)
+        n = _feed_fast(self._s, chunk, len(chunk))
+        if n <= 0:
+            if n == 0:
+                return
+            self.splitter._raise(n)
+        f = self._fast
+        nf = f.n_fast
+        text = _unpack(f.text, f.text_len).decode() if nf else ""
+        emit = self._emit_fast
+        if nf == n:  # every event was a plain content chunk
+            if n == 1:
+                emit(text)
+            else:
+                pos = 0
+                for m in ffi.unpack(f.marks, n):
+                    end = pos + m
+                    emit(text[pos:end])
+                    pos = end
+            res.events += n
+            res.deltas += n
+        else:
+            marks = ffi.unpack(f.marks, n)
+            out, recs = self.splitter.batch(n)
+            pos = 0
+            for i in range(n):
+                m = marks[i]
+                if m >= 0:
+                    end = pos + m
+                    res.events += 1
+                    res.deltas += 1
+                    emit(text[pos:end])
+                    pos = end
+                    continue
+                j = i * _N
+                if recs[j + 3]:
+                    self._typed(out, recs, j)
+                else:
+                    d = recs[j]
+                    self._general(out[d : d + recs[j + 1]])
+                if res.done:
+                    break
+        if nf and res.ttft_s is None:
+            res.ttft_s = time.monotonic() - self.t0
+
+    # -- one batch already split (the splitter used on its own) --------------
     def feed(self, out: bytes, recs: List[int]) -> None:
         """Dispatch one batch of events (see :meth:`EventSplitter.feed_raw`)."""
         res = self.result

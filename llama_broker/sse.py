@@ -61,7 +61,7 @@ class EventSplitter:
     (and the splitter stays failed until :meth:`reset`).
     """
 
-    __slots__ = ("_s", "max_event_bytes", "_closed", "dropped_bytes")
+    __slots__ = ("_s", "max_event_bytes", "_closed", "dropped_bytes", "fast")
 
     def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         if not isinstance(max_event_bytes, int) or max_event_bytes < 1:
@@ -70,10 +70,44 @@ class EventSplitter:
         if ptr == ffi.NULL:
             raise MemoryError("lb_sse_new failed")
         self._s = ffi.gc(ptr, lib.lb_sse_free)
+        #: The content fast path's view of the last batch (see ``feed_fast``).
+        self.fast = lib.lb_sse_fast_info(ptr)
         self.max_event_bytes = max_event_bytes
         self._closed = False
         #: Bytes of an unfinished line or event dropped by :meth:`close`.
         self.dropped_bytes = 0
+
+    def feed_fast(self, chunk: Buffer) -> int:
+        """Feed one chunk, extracting the content of common chat chunks in C.
+
+        Returns the number of events in the batch. ``self.fast`` then has
+        ``n_fast``, ``text``/``text_len`` (the extracted contents, UTF-8,
+        concatenated) and ``marks`` (per event: its content's length in code
+        points, or -1 when the event needs the general decoder: read those
+        with :meth:`batch`). Used by the chat decoder's hot path.
+        """
+        if self._closed:
+            raise ValueError("feed() after close(); call reset() to start a new stream")
+        if type(chunk) is bytes:
+            n = lib.lb_sse_feed_fast(self._s, chunk, len(chunk))
+        else:
+            buf = ffi.from_buffer("unsigned char[]", chunk)
+            n = lib.lb_sse_feed_fast(self._s, buf, len(buf))
+        if n < 0:
+            self._raise(n)
+        return int(n)
+
+    def batch(self, n: int) -> Tuple[bytes, List[int]]:
+        """``(out, records)`` of the last batch of ``n`` events (as :meth:`feed_raw`)."""
+        s = self._s
+        out = ffi.buffer(lib.lb_sse_out(s), lib.lb_sse_out_len(s))[:]
+        return out, ffi.unpack(lib.lb_sse_records(s), n * _N)
+
+    def _raise(self, n: int) -> None:
+        raise ProtocolError(
+            _ERRORS.get(n, f"splitter error {n}").format(limit=self.max_event_bytes)
+            + f" (after {lib.lb_sse_bytes_fed(self._s)} bytes of stream)"
+        )
 
     def feed_raw(self, chunk: Buffer) -> Tuple[bytes, List[int]]:
         """Feed one chunk; return ``(out, records)`` without building Events.
@@ -93,12 +127,8 @@ class EventSplitter:
         if n <= 0:
             if n == 0:
                 return b"", []
-            raise ProtocolError(
-                _ERRORS.get(n, f"splitter error {n}").format(limit=self.max_event_bytes)
-                + f" (after {lib.lb_sse_bytes_fed(s)} bytes of stream)"
-            )
-        out = ffi.buffer(lib.lb_sse_out(s), lib.lb_sse_out_len(s))[:]
-        return out, ffi.unpack(lib.lb_sse_records(s), n * _N)
+            self._raise(n)
+        return self.batch(n)
 
     def feed(self, chunk: Buffer) -> List[Event]:
         """Feed one chunk of the stream; return the events it completed, in order."""

@@ -116,7 +116,15 @@ class Call:
         self.handle = handle
         self.cfg = cfg
         self.decoder = decoder
-        self.splitter = EventSplitter(cfg.max_event_bytes)
+        # A decoder with feed_bytes() owns its splitter (the chat fast path);
+        # any other gets batches from a splitter of the Call's own.
+        feed_bytes = getattr(decoder, "feed_bytes", None)
+        splitter = getattr(decoder, "splitter", None)
+        if feed_bytes is None or splitter is None:
+            splitter = EventSplitter(cfg.max_event_bytes)
+            feed_bytes = lambda chunk: decoder.feed(*splitter.feed_raw(chunk))  # noqa: E731
+        self.splitter = splitter
+        self._feed = feed_bytes
         self.url = url or cfg.url
         self.status: Optional[int] = None
         self.mode = 0  # 0: before the first byte; 1: event stream; 2: error body; 3: plain body
@@ -211,12 +219,23 @@ class Call:
 
     # -- the write callback (per network chunk) ---------------------------------
     def write(self, chunk: bytes) -> Optional[int]:
+        # The per-chunk path: nothing but the decoder (bytes are counted by
+        # curl, read in finish()).
+        if self.mode == 1:
+            try:
+                self._feed(chunk)
+            except BaseException as e:  # noqa: BLE001 - re-raised by finish()
+                self.exc = e
+                return 0
+            return None
+        return self._write_slow(chunk)
+
+    def _write_slow(self, chunk: bytes) -> Optional[int]:
         try:
-            self.nbytes += len(chunk)
             if self.mode == 0:
                 self._first_bytes()
             if self.mode == 1:
-                self.decoder.feed(*self.splitter.feed_raw(chunk))
+                self._feed(chunk)
                 return None
             self._keep_body(chunk)
             if self.body_truncated:
@@ -309,6 +328,10 @@ class Call:
         return [x for x in out if len(x) >= 4]
 
     def _finish(self, curl_error: Optional[pycurl.error]) -> None:
+        try:
+            self.nbytes = int(self.handle.getinfo(pycurl.SIZE_DOWNLOAD_T))
+        except (pycurl.error, AttributeError):  # pragma: no cover - very old pycurl
+            self.nbytes = 0
         if self.exc is not None:
             raise self.exc
         if self.mode == 0 and self.status is not None and not 200 <= self.status < 300:

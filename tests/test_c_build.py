@@ -12,6 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 SRC = os.path.join(CSRC, "lb_sse.c")
+JSON_SRC = os.path.join(CSRC, "lb_json.c")  # the content fast path lb_sse.c calls
 DRIVER = os.path.join(ROOT, "tests", "c", "test_lb_sse.c")
 
 STRICT = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-Wconversion", "-Wshadow", "-pedantic"]
@@ -41,11 +42,12 @@ def _run(cmd, **kw):
     return res
 
 
+@pytest.mark.parametrize("src", [SRC, JSON_SRC], ids=["lb_sse", "lb_json"])
 @pytest.mark.parametrize("cc", ["gcc", "clang"])
 @pytest.mark.parametrize("opt", ["-O0", "-O2"])
-def test_strict_warnings(cc, opt, tmp_path):
+def test_strict_warnings(cc, opt, src, tmp_path):
     exe = _compiler(cc)
-    res = _run([exe, *STRICT, opt, "-I", CSRC, "-c", SRC, "-o", str(tmp_path / "lb_sse.o")])
+    res = _run([exe, *STRICT, opt, "-I", CSRC, "-c", src, "-o", str(tmp_path / "out.o")])
     assert res.returncode == 0, res.stderr
 
 
@@ -61,7 +63,7 @@ def test_header_compiles_alone(tmp_path):
 def test_c_driver_under_sanitizers(cc, tmp_path):
     exe = _compiler(cc)
     out = tmp_path / "test_lb_sse"
-    res = _run([exe, *STRICT, "-g", "-O1", *SANITIZE, "-I", CSRC, DRIVER, SRC, "-o", str(out)])
+    res = _run([exe, *STRICT, "-g", "-O1", *SANITIZE, "-I", CSRC, DRIVER, SRC, JSON_SRC, "-o", str(out)])
     if res.returncode != 0 and cc == "clang" and "cannot find" in res.stderr:
         _missing("clang's sanitizer runtime is not installed: " + res.stderr.strip()[-200:])
     assert res.returncode == 0, res.stderr
@@ -86,7 +88,7 @@ def test_feed_null_empty_chunk(tmp_path):
         "}\n"
     )
     out = tmp_path / "null0"
-    res = _run([exe, "-std=c99", "-g", *SANITIZE, "-I", CSRC, str(src), SRC, "-o", str(out)])
+    res = _run([exe, "-std=c99", "-g", *SANITIZE, "-I", CSRC, str(src), SRC, JSON_SRC, "-o", str(out)])
     if res.returncode != 0 and "cannot find" in res.stderr:
         _missing("clang's sanitizer runtime is not installed")
     assert res.returncode == 0, res.stderr
