@@ -7,7 +7,7 @@ them into deltas. See ``chat_stream``, ``chat`` and ``stream``.
 
 import logging as _logging
 
-from .broker import Broker, DeltaStream, chat, chat_stream, stream
+from .broker import AsyncDeltaStream, Broker, DeltaStream, MapResult, achat, astream, chat, chat_stream, stream
 from .config import ModelConfig
 from .decoder import Delta, StreamResult
 from .errors import (
@@ -28,6 +28,10 @@ _logging.getLogger("llama_broker").addHandler(_logging.NullHandler())
 
 __all__ = [
     "APIError",
+    "AsyncDeltaStream",
+    "MapResult",
+    "achat",
+    "astream",
     "Broker",
     "BrokerError",
     "ConfigError",

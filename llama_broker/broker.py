@@ -13,23 +13,36 @@ streams interleave on one thread without threads.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
 import threading
 import time
-import weakref
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import pycurl
 
 from .config import ModelConfig
 from .decoder import Delta, StreamDecoder, StreamResult
 from .errors import APIError, BrokerError, ConfigError, ConnectError, ProtocolError, TimeoutError_, TransportError
+from .engine import AsyncEngine, SyncEngine, Transfer
+from .fanout import Fanout, MapResult
 from .transport import _RESET_CODES, Call
 
-__all__ = ["Broker", "DeltaStream", "chat", "chat_stream", "stream", "validate_messages"]
+__all__ = [
+    "AsyncDeltaStream",
+    "Broker",
+    "DeltaStream",
+    "MapResult",
+    "achat",
+    "astream",
+    "chat",
+    "chat_stream",
+    "stream",
+    "validate_messages",
+]
 
 log = logging.getLogger("llama_broker")
 
@@ -113,10 +126,9 @@ class Broker:
         self.pool_size = pool_size
         self.max_host_connections = max_host_connections
         self._idle: List["pycurl.Curl"] = []
-        self._multi: Optional["pycurl.CurlMulti"] = None
-        self._streams: Dict[int, "weakref.ReferenceType[DeltaStream]"] = {}
-        self._waiting: List["weakref.ReferenceType[DeltaStream]"] = []
-        self._orphans: List["pycurl.Curl"] = []  # handles of streams dropped while open
+        self._sync: Optional[SyncEngine] = None
+        self._async: Optional[AsyncEngine] = None
+        self._orphans: List[Transfer] = []  # pulled streams dropped while open
         self._closed = False
 
     # -- handles -------------------------------------------------------------
@@ -231,7 +243,7 @@ class Broker:
                 attempt = self._maybe_retry(cfg, err, delivered, attempt, deadline)
                 continue
             finally:
-                handle.setopt(pycurl.WRITEFUNCTION, _discard)  # drop the Call's references
+                handle.reset()  # drop the Call's callbacks; the connection cache stays
                 self._release(handle)
             res = decoder.result
             res.retries = attempt
@@ -252,159 +264,166 @@ class Broker:
         time.sleep(delay)
         return attempt
 
-    # -- pulled streams ----------------------------------------------------------
+    # -- pulled streams (SyncEngine) --------------------------------------------
+    def _sync_engine(self) -> SyncEngine:
+        eng = self._sync
+        if eng is None:
+            if self._closed:
+                raise ConfigError("this Broker is closed")
+            eng = self._sync = SyncEngine(self._acquire, self._release)
+            eng.set_max_host_connections(self.max_host_connections)
+        if self._orphans:
+            for t in self._orphans:
+                if t.engine is not None:
+                    t.engine.cut(t)
+            self._orphans.clear()
+        return eng
+
+    def _delta_transfer(self, cfg: ModelConfig, body: bytes, queue: "Deque[Delta]") -> Transfer:
+        return Transfer(
+            cfg,
+            body,
+            lambda t0: StreamDecoder(
+                None, queue.append, strict=cfg.strict, t0=t0, max_event_bytes=cfg.max_event_bytes
+            ),
+        )
+
     def stream(self, messages: Messages, *, cfg: Optional[ModelConfig] = None, **params: Any) -> "DeltaStream":
         """An iterator of :class:`Delta`, pulled without threads; a context manager.
 
-        Leaving it early (``close()``, the ``with`` block, or dropping it) closes
-        the connection, which is how llama-server cancels a generation.
+        The multi handle is driven only when the caller asks for the next
+        delta, so several open streams interleave on one thread. Leaving early
+        (``close()``, the ``with`` block, or dropping it) closes the
+        connection, which is how llama-server cancels a generation.
         """
         cfg = self._cfg(cfg)
         body = _encode_body(cfg, messages, params)
-        s = DeltaStream(self, cfg, body)
-        self._start(s)
+        queue: Deque[Delta] = deque()
+        t = self._delta_transfer(cfg, body, queue)
+        eng = self._sync_engine()
+        eng.start(t)
+        return DeltaStream(self, eng, t, queue)
+
+    def map(
+        self,
+        requests: Iterable[Mapping[str, Any]],
+        *,
+        concurrency: int = 8,
+        endpoints: Optional[Sequence[Union[str, ModelConfig]]] = None,
+        progress: Optional[bool] = None,
+        cfg: Optional[ModelConfig] = None,
+    ) -> Iterator[MapResult]:
+        """Run many chat requests, at most ``concurrency`` at once, over ``endpoints``.
+
+        ``requests``: dicts ``{"messages": [...], **params}``. ``endpoints``:
+        base URLs or ModelConfigs (default: this Broker's config). Yields a
+        :class:`MapResult` per request as it completes (``.index`` is its
+        position), going on past failures (``.error``). A request that fails
+        before any output on a refused connection, an early reset or a 503 is
+        sent to another endpoint and that endpoint is rested with backoff.
+        A progress line is shown on a terminal's stderr unless ``progress``
+        is False. One thread, no threads spawned.
+        """
+        fan = Fanout(requests, concurrency=concurrency, endpoints=endpoints, cfg=cfg or self.cfg, progress=progress)
+        return fan.run_sync(self._sync_engine())
+
+    # -- asyncio (AsyncEngine) ---------------------------------------------------
+    def _async_engine(self) -> AsyncEngine:
+        loop = asyncio.get_running_loop()
+        eng = self._async
+        if eng is None or eng.loop is not loop:
+            if self._closed:
+                raise ConfigError("this Broker is closed")
+            if eng is not None and not eng.loop.is_closed():
+                raise ConfigError("this Broker is already used by another event loop; use one Broker per loop")
+            eng = self._async = AsyncEngine(loop, self._acquire, self._release)
+            eng.set_max_host_connections(self.max_host_connections)
+        return eng
+
+    async def achat_stream(
+        self,
+        messages: Messages,
+        on_delta: Callable[[str], Any],
+        *,
+        cfg: Optional[ModelConfig] = None,
+        **params: Any,
+    ) -> StreamResult:
+        """Async :meth:`chat_stream`: ``on_delta(content)`` is called from the loop
+        as content arrives. Cancelling the awaiting task closes the connection."""
+        cfg = self._cfg(cfg)
+        body = _encode_body(cfg, messages, params)
+        eng = self._async_engine()
+        fut = eng.loop.create_future()
+
+        def done(t: Transfer) -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        t = Transfer(
+            cfg,
+            body,
+            lambda t0: StreamDecoder(on_delta, strict=cfg.strict, t0=t0, max_event_bytes=cfg.max_event_bytes),
+            on_done=done,
+        )
+        eng.start(t)
+        try:
+            await fut
+        finally:
+            if not t.done:  # cancelled: cut the connection
+                eng.cut(t)
+        if t.error is not None:
+            raise t.error
+        assert t.result is not None
+        return t.result
+
+    async def achat(self, messages: Messages, *, cfg: Optional[ModelConfig] = None, **params: Any) -> str:
+        """Async :meth:`chat`: the whole reply as a string."""
+        parts: List[str] = []
+        await self.achat_stream(messages, parts.append, cfg=cfg, **params)
+        return "".join(parts)
+
+    def astream(self, messages: Messages, *, cfg: Optional[ModelConfig] = None, **params: Any) -> "AsyncDeltaStream":
+        """An async iterator of :class:`Delta` and async context manager, driven
+        by curl's socket callbacks on the running loop. Leaving early or
+        cancelling closes the connection."""
+        cfg = self._cfg(cfg)
+        body = _encode_body(cfg, messages, params)
+        queue: Deque[Delta] = deque()
+        t = self._delta_transfer(cfg, body, queue)
+        eng = self._async_engine()
+        s = AsyncDeltaStream(eng, t, queue)
+        eng.start(t)
         return s
 
-    def _get_multi(self) -> "pycurl.CurlMulti":
-        if self._multi is None:
-            m = pycurl.CurlMulti()
-            if self.max_host_connections:
-                m.setopt(pycurl.M_MAX_HOST_CONNECTIONS, self.max_host_connections)
-            self._multi = m
-        return self._multi
-
-    def _start(self, s: "DeltaStream") -> None:
-        if self._orphans:
-            self._cut_orphans()
-        handle = self._acquire()
-        s._decoder = StreamDecoder(
-            None, s._queue.append, strict=s.cfg.strict, t0=s._t0, max_event_bytes=s.cfg.max_event_bytes
-        )
-        try:
-            s._call = Call(handle, s.cfg, s._body, s._decoder, deadline=s._deadline)
-        except BaseException:
-            self._release(handle)
-            raise
-        s._handle = handle
-        self._streams[id(handle)] = weakref.ref(s)
-        self._get_multi().add_handle(handle)
-
-    def _detach(self, s: "DeltaStream", *, reuse: bool) -> None:
-        handle = s._handle
-        if handle is None:
-            return
-        s._handle = None
-        self._streams.pop(id(handle), None)
-        if self._multi is not None:
-            self._multi.remove_handle(handle)
-        handle.setopt(pycurl.WRITEFUNCTION, _discard)
-        if reuse:
-            self._release(handle)
-        else:
-            handle.close()  # a transfer cut short: its connection must go
-
-    def _cut_orphans(self) -> None:
-        """Close the connections of streams that were dropped while open."""
-        while self._orphans:
-            handle = self._orphans.pop()
-            self._streams.pop(id(handle), None)
-            if self._multi is not None:
-                self._multi.remove_handle(handle)
-            handle.close()
-
-    def _drive(self, waiter: "DeltaStream") -> None:
-        """Run transfers until ``waiter`` has a delta or is finished (one wait at most)."""
-        m = self._get_multi()
-        if self._orphans:
-            self._cut_orphans()
-        while True:
-            ret, _ = m.perform()
-            if ret != pycurl.E_CALL_MULTI_PERFORM:
-                break
-        while True:
-            queued, ok_list, err_list = m.info_read()
-            for h in ok_list:
-                self._finished(h, None)
-            for h, code, text in err_list:
-                self._finished(h, pycurl.error(code, text))
-            if not queued:
-                break
-        now = time.monotonic()
-        next_retry = None
-        for ref in list(self._waiting):
-            s = ref()
-            if s is None or s._finished:
-                self._waiting.remove(ref)
-            elif s._retry_at <= now:
-                self._waiting.remove(ref)
-                try:
-                    self._start(s)
-                except BaseException as e:
-                    s._fail(e)
-            else:
-                next_retry = s._retry_at if next_retry is None else min(next_retry, s._retry_at)
-        if waiter._queue or waiter._finished:
-            return
-        timeout_ms = m.timeout()
-        wait = 1.0 if timeout_ms < 0 else min(timeout_ms / 1000.0, 1.0)
-        if next_retry is not None:
-            wait = min(wait, max(0.0, next_retry - now))
-        if waiter._handle is None and next_retry is not None:
-            time.sleep(wait)  # only a retry is pending: nothing to select on
-        elif wait > 0:
-            m.select(wait)
-
-    def _finished(self, handle: "pycurl.Curl", curl_error: Optional[pycurl.error]) -> None:
-        ref = self._streams.get(id(handle))
-        s = ref() if ref is not None else None
-        if s is None:  # its stream was dropped; just recycle the handle
-            if handle in self._orphans:
-                self._orphans.remove(handle)
-            self._streams.pop(id(handle), None)
-            if self._multi is not None:
-                self._multi.remove_handle(handle)
-            self._release(handle)
-            return
-        call = s._call
-        self._detach(s, reuse=True)
-        try:
-            call.finish(curl_error)
-        except BrokerError as err:
-            if s._attempt < s.cfg.max_retries and _retriable(err, call.delivered):
-                delay = _backoff_s(s.cfg, s._attempt + 1)
-                if time.monotonic() + delay < s._deadline:
-                    s._attempt += 1
-                    log.warning("retry %d/%d in %.2fs after: %s", s._attempt, s.cfg.max_retries, delay, err)
-                    s._retry_at = time.monotonic() + delay
-                    self._waiting.append(weakref.ref(s))
-                    return
-            s._fail(err)
-            return
-        except BaseException as err:  # KeyboardInterrupt from a callback: stop now
-            s._fail(err)
-            raise
-        res = s._decoder.result
-        res.retries = s._attempt
-        res.elapsed_s = time.monotonic() - s._t0
-        s.result = res
-        s._finished = True
+    def amap(
+        self,
+        requests: Iterable[Mapping[str, Any]],
+        *,
+        concurrency: int = 8,
+        endpoints: Optional[Sequence[Union[str, ModelConfig]]] = None,
+        progress: Optional[bool] = None,
+        cfg: Optional[ModelConfig] = None,
+    ) -> AsyncIterator[MapResult]:
+        """Async twin of :meth:`map` (``async for r in broker.amap(...)``)."""
+        fan = Fanout(requests, concurrency=concurrency, endpoints=endpoints, cfg=cfg or self.cfg, progress=progress)
+        return fan.run_async(self._async_engine())
 
     def close(self) -> None:
-        """Close every pooled handle and the multi handle. Open streams are cut."""
+        """Close every pooled handle and the multi handles. Open streams are cut."""
         if self._closed:
             return
-        self._cut_orphans()
-        for ref in list(self._streams.values()):
-            s = ref()
-            if s is not None:
-                s.close()
         self._closed = True
+        for eng in (self._sync, self._async):
+            if eng is not None:
+                try:
+                    eng.close()
+                except RuntimeError:  # pragma: no cover - the loop was closed first
+                    eng.multi.close()
+        self._sync = self._async = None
+        self._orphans.clear()
         for h in self._idle:
             h.close()
         self._idle.clear()
-        if self._multi is not None:
-            self._multi.close()
-            self._multi = None
 
     def __enter__(self) -> "Broker":
         return self
@@ -413,7 +432,7 @@ class Broker:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Broker(cfg={self.cfg!r}, idle_handles={len(self._idle)}, open_streams={len(self._streams)})"
+        return f"Broker(cfg={self.cfg!r}, idle_handles={len(self._idle)})"
 
 
 class _WholeBody:
@@ -434,10 +453,6 @@ class _WholeBody:
         self.result.done = True
 
 
-def _discard(chunk: bytes) -> int:
-    return 0
-
-
 class DeltaStream:
     """A pulled stream of :class:`Delta` (from :meth:`Broker.stream`).
 
@@ -447,47 +462,40 @@ class DeltaStream:
     raised.
     """
 
-    def __init__(self, broker: Broker, cfg: ModelConfig, body: bytes) -> None:
-        self.cfg = cfg
-        self.result: Optional[StreamResult] = None
+    def __init__(self, broker: Broker, engine: SyncEngine, transfer: Transfer, queue: "Deque[Delta]") -> None:
         self._broker = broker
-        self._body = body
-        self._queue: Deque[Delta] = deque()
-        self._t0 = time.monotonic()
-        self._deadline = self._t0 + cfg.timeout_ms / 1000.0
-        self._attempt = 0
-        self._retry_at = 0.0
-        self._finished = False
-        self._error: Optional[BaseException] = None
-        self._handle: Optional["pycurl.Curl"] = None
-        self._call: Optional[Call] = None
-        self._decoder: StreamDecoder
+        self._engine = engine
+        self._t = transfer
+        self._queue = queue
+        self._raised = False
+
+    @property
+    def result(self) -> Optional[StreamResult]:
+        """The :class:`StreamResult`, once the stream ended successfully."""
+        return self._t.result
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self._t.cfg
 
     def __iter__(self) -> Iterator[Delta]:
         return self
 
     def __next__(self) -> Delta:
-        q = self._queue
+        q, t = self._queue, self._t
         while True:
             if q:
                 return q.popleft()
-            if self._finished:
-                err = self._error
-                if err is not None:
-                    self._error = None
-                    raise err
+            if t.done:
+                if t.error is not None and not self._raised:
+                    self._raised = True
+                    raise t.error
                 raise StopIteration
-            self._broker._drive(self)
-
-    def _fail(self, err: BaseException) -> None:
-        self._error = err
-        self._finished = True
+            self._engine.drive(lambda: bool(q) or t.done)
 
     def close(self) -> None:
         """Stop now: the connection is closed (the server cancels the generation)."""
-        if not self._finished:
-            self._finished = True
-            self._broker._detach(self, reuse=False)
+        self._engine.cut(self._t)
         self._queue.clear()
 
     def __enter__(self) -> "DeltaStream":
@@ -499,10 +507,74 @@ class DeltaStream:
     def __del__(self) -> None:
         # A finalizer may run inside a curl callback (garbage collection can
         # happen anywhere), where the multi handle must not be touched: hand
-        # the handle to the Broker, which cuts it at its next turn.
-        handle = self.__dict__.get("_handle")
-        if handle is not None and not self._finished:
-            self._broker._orphans.append(handle)
+        # the transfer to the Broker, which cuts it at its next turn.
+        t = self.__dict__.get("_t")
+        if t is not None and not t.done:
+            self._broker._orphans.append(t)
+
+
+class AsyncDeltaStream:
+    """An async stream of :class:`Delta` (from :meth:`Broker.astream`)."""
+
+    def __init__(self, engine: AsyncEngine, transfer: Transfer, queue: "Deque[Delta]") -> None:
+        self._engine = engine
+        self._t = transfer
+        self._queue = queue
+        self._waiter: Optional["asyncio.Future[None]"] = None
+        self._raised = False
+        transfer.on_chunk = self._wake
+        transfer.on_done = lambda t: self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    @property
+    def result(self) -> Optional[StreamResult]:
+        """The :class:`StreamResult`, once the stream ended successfully."""
+        return self._t.result
+
+    def __aiter__(self) -> "AsyncDeltaStream":
+        return self
+
+    async def __anext__(self) -> Delta:
+        q, t = self._queue, self._t
+        while True:
+            if q:
+                return q.popleft()
+            if t.done:
+                if t.error is not None and not self._raised:
+                    self._raised = True
+                    raise t.error
+                raise StopAsyncIteration
+            self._waiter = self._engine.loop.create_future()
+            try:
+                await self._waiter
+            except BaseException:
+                self._engine.cut(t)  # cancelled: cut the connection
+                raise
+            finally:
+                self._waiter = None
+
+    async def aclose(self) -> None:
+        """Stop now: the connection is closed (the server cancels the generation)."""
+        self._engine.cut(self._t)
+        self._queue.clear()
+
+    async def __aenter__(self) -> "AsyncDeltaStream":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        t = self.__dict__.get("_t")
+        if t is not None and not t.done and t.handle is not None:
+            try:
+                self._engine.loop.call_soon_threadsafe(self._engine.cut, t)
+            except RuntimeError:  # the loop is closed: nothing runs the transfer anymore
+                pass
 
 
 # -- module-level functions over a per-thread default Broker -------------------------
@@ -534,3 +606,13 @@ def chat(cfg: ModelConfig, messages: Messages, **params: Any) -> str:
 def stream(cfg: ModelConfig, messages: Messages, **params: Any) -> DeltaStream:
     """A pulled iterator of :class:`Delta` (see :meth:`Broker.stream`)."""
     return default_broker().stream(messages, cfg=cfg, **params)
+
+
+async def achat(cfg: ModelConfig, messages: Messages, **params: Any) -> str:
+    """Async :func:`chat` on this thread's default :class:`Broker` and the running loop."""
+    return await default_broker().achat(messages, cfg=cfg, **params)
+
+
+def astream(cfg: ModelConfig, messages: Messages, **params: Any) -> AsyncDeltaStream:
+    """Async :func:`stream` on this thread's default :class:`Broker` and the running loop."""
+    return default_broker().astream(messages, cfg=cfg, **params)
