@@ -83,7 +83,7 @@ static void feed(lb_sse *s, size_t max, const unsigned char *data, size_t len, s
         die("harness out of memory", NULL, NULL);
     if (len)
         memcpy(copy, data, len);
-    n = lb_sse_feed(s, copy, len);
+    n = lb_sse_feed_fast(s, copy, len);
     free(copy);
     if (n < 0) {
         r->err = n;
@@ -96,8 +96,31 @@ static void feed(lb_sse *s, size_t max, const unsigned char *data, size_t len, s
     out_len = lb_sse_out_len(s);
     if (n > 0 && out_len > 4 * (max + LB_SSE_LINE_SLACK) + 2 * len)
         die("output buffer out of proportion to the chunk", r, NULL);
+    const lb_sse_fast *fi = lb_sse_fast_info(s);
+    size_t tpos = 0, nf = 0;
     for (i = 0; i < n; i++, rec += LB_SSE_FIELDS) {
         int f;
+        /* The content fast path: marks count code points of the contents
+         * concatenated in text, only untyped events have one, and each
+         * extracted content joins its event's output (chunked == whole). */
+        long m = fi->marks[i], cps = 0;
+        size_t b = 0;
+        if (m >= 0) {
+            if (m == 0 || rec[3] != 0)
+                die("fast mark on a typed event or of zero length", r, NULL);
+            while (tpos + b < fi->text_len) {
+                int cont = ((unsigned char)fi->text[tpos + b] & 0xC0) == 0x80;
+                if (!cont && cps == m)
+                    break;
+                cps += !cont;
+                b++;
+            }
+            if (cps != m || b > rec[1])
+                die("fast mark does not match the text", r, NULL);
+            put(r, fi->text + tpos, b);
+            tpos += b;
+            nf++;
+        }
         for (f = 0; f < LB_SSE_FIELDS; f += 2)
             if (rec[f] > out_len || rec[f + 1] > out_len - rec[f])
                 die("record outside lb_sse_out_len", r, NULL);
@@ -108,6 +131,8 @@ static void feed(lb_sse *s, size_t max, const unsigned char *data, size_t len, s
         put(r, out + rec[0], rec[1]);
         put(r, out + rec[4], rec[5]);
     }
+    if (nf != fi->n_fast || tpos != fi->text_len)
+        die("fast path counts do not add up", r, NULL);
 }
 
 static void finish(lb_sse *s, size_t len, struct run *r)
