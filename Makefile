@@ -40,3 +40,10 @@ bench: install-bench
 
 clean:
 	rm -rf build *.egg-info llama_broker/_sse*.so llama_broker/_sse.c fuzz/out fuzz/corpus-work .benchmarks
+
+# CI's benchmark run: short sizes, the table printed, and a failure only on a
+# gross regression measured as a ratio in the same run.
+bench-ci: install-bench
+	mkdir -p .benchmarks
+	LB_BENCH_SHORT=1 $(PYTHON) -m pytest benchmarks/ -q -p no:cacheprovider --benchmark-json=.benchmarks/bench-ci.json
+	$(PYTHON) benchmarks/report.py .benchmarks/bench-ci.json --check

@@ -138,7 +138,7 @@ class Engine:
         handle = self._acquire()
         try:
             t.decoder = t.make_decoder(t.t0)
-            t.call = Call(handle, t.cfg, t.body, t.decoder, deadline=t.deadline, url=t.url)
+            t.call = Call(handle, t.cfg, t.body, t.decoder, deadline=t.deadline, url=t.url, progress=False)
         except BaseException:
             self._release(handle)
             raise
@@ -229,6 +229,31 @@ class Engine:
     def schedule_retry(self, t: Transfer, delay: float) -> None:
         raise NotImplementedError
 
+    def check_idle(self, now: float) -> None:
+        """Time out transfers that received no byte for their idle_timeout_ms.
+
+        The engines run a transfer only when its socket or a timer fires, so a
+        silent server never reaches curl's progress callback (which times the
+        gap in the blocking path): both engines call this a few times a
+        second instead, reading each transfer's byte count from curl."""
+        for t in list(self.active.values()):
+            call, handle = t.call, t.handle
+            if call is None or handle is None or call.idle_s is None:
+                continue
+            n = handle.getinfo(pycurl.SIZE_DOWNLOAD_T) + handle.getinfo(pycurl.HEADER_SIZE)
+            if n != t._last_n:
+                t._last_n = n
+                t._last_change = now
+            elif now - t._last_change >= call.idle_s:
+                call.idle_fired = True
+                self._detach(t, reuse=False)
+                try:
+                    call.finish(None)
+                except BrokerError as err:
+                    t._finish(err)
+                else:  # pragma: no cover - finish() always raises once idle fired
+                    t._finish(TimeoutError_("idle timeout"))
+
     def close(self) -> None:
         """Cut every transfer and close the multi handle."""
         for t in list(self.active.values()):
@@ -239,9 +264,18 @@ class Engine:
 class SyncEngine(Engine):
     """Drives its transfers only when :meth:`drive` is called."""
 
+    #: how often the idle timeout is checked while transfers run
+    WATCH_S = 0.25
+
     def __init__(self, acquire: Callable[[], "pycurl.Curl"], release: Callable[["pycurl.Curl"], None]) -> None:
         super().__init__(acquire, release)
         self._retries: List[Any] = []  # [retry_at, transfer]
+        self._running = 0
+        self._next_watch = 0.0
+
+    def start(self, t: Transfer) -> None:
+        super().start(t)
+        self._running += 1  # so that drive() reads curl's messages when it ends
 
     def schedule_retry(self, t: Transfer, delay: float) -> None:
         self._retries.append([time.monotonic() + delay, t])
@@ -254,11 +288,16 @@ class SyncEngine(Engine):
         (at most ``max_wait`` s) for sockets unless ``ready()`` is already true."""
         m = self.multi
         while True:
-            ret, _ = m.perform()
+            ret, running = m.perform()
             if ret != pycurl.E_CALL_MULTI_PERFORM:
                 break
-        self.collect()
+        if running != self._running:  # some transfer ended: read curl's messages
+            self.collect()
+            self._running = len(self.active)
         now = time.monotonic()
+        if now >= self._next_watch:
+            self._next_watch = now + self.WATCH_S
+            self.check_idle(now)
         if self._retries:
             due = [r for r in self._retries if r[0] <= now]
             if due:
@@ -278,6 +317,7 @@ class SyncEngine(Engine):
             wait = min(wait, timeout_ms / 1000.0)
         if self._retries:
             wait = min(wait, max(0.0, min(r[0] for r in self._retries) - now))
+        wait = min(wait, max(0.0, self._next_watch - now))
         if wait <= 0:
             return
         if self.active:
@@ -356,28 +396,8 @@ class AsyncEngine(Engine):
         self.loop.call_later(delay, again)
 
     def _check_idle(self) -> None:
-        # In socket mode curl runs a transfer only when its socket or timer
-        # fires, so a silent server never reaches the progress callback that
-        # measures the idle timeout in the other paths: measure it here.
         self._watch = None
-        now = time.monotonic()
-        for t in list(self.active.values()):
-            call, handle = t.call, t.handle
-            if call is None or handle is None or call.idle_s is None:
-                continue
-            n = handle.getinfo(pycurl.SIZE_DOWNLOAD_T) + handle.getinfo(pycurl.HEADER_SIZE)
-            if n != t._last_n:
-                t._last_n = n
-                t._last_change = now
-            elif now - t._last_change >= call.idle_s:
-                call.idle_fired = True
-                self._detach(t, reuse=False)
-                try:
-                    call.finish(None)
-                except BrokerError as err:
-                    t._finish(err)
-                else:  # pragma: no cover - finish() always raises once idle fired
-                    t._finish(TimeoutError_("idle timeout"))
+        self.check_idle(time.monotonic())
         if self.active:
             self._watch = self.loop.call_later(self.WATCH_S, self._check_idle)
 

@@ -112,6 +112,7 @@ class Call:
         url: Optional[str] = None,
         method: str = "POST",
         streaming: bool = True,
+        progress: bool = True,
     ) -> None:
         self.handle = handle
         self.cfg = cfg
@@ -142,10 +143,10 @@ class Call:
         self.idle_fired = False
         self._last_dlnow = -1
         self._idle_since: Optional[float] = None
-        self._setup(handle, method, body, deadline)
+        self._setup(handle, method, body, deadline, progress)
 
     # -- setup -------------------------------------------------------------
-    def _setup(self, c: "pycurl.Curl", method: str, body: Optional[bytes], deadline: float) -> None:
+    def _setup(self, c: "pycurl.Curl", method: str, body: Optional[bytes], deadline: float, progress: bool) -> None:
         cfg = self.cfg
         c.reset()  # keeps the connection cache: keep-alive survives
         c.setopt(pycurl.URL, self.url)
@@ -167,13 +168,15 @@ class Call:
         c.setopt(pycurl.WRITEFUNCTION, self.write)
         c.setopt(pycurl.HEADERFUNCTION, self.header)
         c.setopt(pycurl.NOSIGNAL, 1)
-        # curl calls the progress function several times a second even when no
-        # byte arrives: it measures the idle timeout, and it is when Python gets
-        # to run a pending KeyboardInterrupt (pycurl aborts the transfer and
-        # re-raises it from perform(); without it Ctrl-C on a stalled server
-        # would wait for a timeout).
-        c.setopt(pycurl.NOPROGRESS, 0)
-        c.setopt(pycurl.XFERINFOFUNCTION, self.progress)
+        if progress:
+            # In easy.perform() curl calls the progress function several times a
+            # second even when no byte arrives: it measures the idle timeout, and
+            # it is when Python gets to run a pending KeyboardInterrupt (pycurl
+            # aborts the transfer and re-raises it from perform(); without it
+            # Ctrl-C on a stalled server would wait for a timeout). The multi
+            # engines return to Python on their own and time the idle gap there.
+            c.setopt(pycurl.NOPROGRESS, 0)
+            c.setopt(pycurl.XFERINFOFUNCTION, self.progress)
         c.setopt(pycurl.BUFFERSIZE, _BUFFER_SIZE)
         c.setopt(pycurl.ACCEPT_ENCODING, "gzip, deflate")
         remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
