@@ -390,10 +390,7 @@ class Broker:
         body = _encode_body(cfg, messages, params)
         queue: Deque[Delta] = deque()
         t = self._delta_transfer(cfg, body, queue)
-        eng = self._async_engine()
-        s = AsyncDeltaStream(eng, t, queue)
-        eng.start(t)
-        return s
+        return AsyncDeltaStream(self._async_engine, t, queue)
 
     def amap(
         self,
@@ -406,7 +403,7 @@ class Broker:
     ) -> AsyncIterator[MapResult]:
         """Async twin of :meth:`map` (``async for r in broker.amap(...)``)."""
         fan = Fanout(requests, concurrency=concurrency, endpoints=endpoints, cfg=cfg or self.cfg, progress=progress)
-        return fan.run_async(self._async_engine())
+        return fan.run_async(self._async_engine)
 
     def close(self) -> None:
         """Close every pooled handle and the multi handles. Open streams are cut."""
@@ -516,8 +513,11 @@ class DeltaStream:
 class AsyncDeltaStream:
     """An async stream of :class:`Delta` (from :meth:`Broker.astream`)."""
 
-    def __init__(self, engine: AsyncEngine, transfer: Transfer, queue: "Deque[Delta]") -> None:
-        self._engine = engine
+    def __init__(self, get_engine: Callable[[], AsyncEngine], transfer: Transfer, queue: "Deque[Delta]") -> None:
+        # The request starts on the running loop at the first __aenter__ or
+        # __anext__, so the stream may be made before the loop runs.
+        self._get_engine = get_engine
+        self._engine: Optional[AsyncEngine] = None
         self._t = transfer
         self._queue = queue
         self._waiter: Optional["asyncio.Future[None]"] = None
@@ -538,8 +538,16 @@ class AsyncDeltaStream:
     def __aiter__(self) -> "AsyncDeltaStream":
         return self
 
+    def _started(self) -> AsyncEngine:
+        eng = self._engine
+        if eng is None:
+            eng = self._engine = self._get_engine()
+            eng.start(self._t)
+        return eng
+
     async def __anext__(self) -> Delta:
         q, t = self._queue, self._t
+        eng = self._started()
         while True:
             if q:
                 return q.popleft()
@@ -548,21 +556,25 @@ class AsyncDeltaStream:
                     self._raised = True
                     raise t.error
                 raise StopAsyncIteration
-            self._waiter = self._engine.loop.create_future()
+            self._waiter = eng.loop.create_future()
             try:
                 await self._waiter
             except BaseException:
-                self._engine.cut(t)  # cancelled: cut the connection
+                eng.cut(t)  # cancelled: cut the connection
                 raise
             finally:
                 self._waiter = None
 
     async def aclose(self) -> None:
         """Stop now: the connection is closed (the server cancels the generation)."""
-        self._engine.cut(self._t)
+        if self._engine is not None:
+            self._engine.cut(self._t)
+        else:
+            self._t.done = True  # never started
         self._queue.clear()
 
     async def __aenter__(self) -> "AsyncDeltaStream":
+        self._started()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -570,9 +582,10 @@ class AsyncDeltaStream:
 
     def __del__(self) -> None:
         t = self.__dict__.get("_t")
-        if t is not None and not t.done and t.handle is not None:
+        eng = self.__dict__.get("_engine")
+        if t is not None and eng is not None and not t.done and t.handle is not None:
             try:
-                self._engine.loop.call_soon_threadsafe(self._engine.cut, t)
+                eng.loop.call_soon_threadsafe(eng.cut, t)
             except RuntimeError:  # the loop is closed: nothing runs the transfer anymore
                 pass
 

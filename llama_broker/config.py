@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
@@ -92,6 +93,13 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig.max_retries must be an int >= 0, got {self.max_retries!r}")
         if not self.verify and self.ca_bundle:
             raise ConfigError("ModelConfig: ca_bundle given but verify=False")
+        if not self.verify:
+            warnings.warn(
+                "ModelConfig(verify=False): TLS certificates are not checked, so anyone on the "
+                "path can read and alter the traffic, the API key included",
+                RuntimeWarning,
+                stacklevel=3,  # the caller of ModelConfig(...)
+            )
         for k, v in dict(self.headers).items():
             if not isinstance(k, str) or not isinstance(v, str) or "\n" in k + v or "\r" in k + v:
                 raise ConfigError(f"ModelConfig.headers: bad header {k!r}")

@@ -19,7 +19,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Union
+from typing import Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Union
 
 from .config import ModelConfig
 from .decoder import StreamDecoder, StreamResult
@@ -295,8 +295,10 @@ class Fanout:
         finally:
             self._cut_all(engine)
 
-    async def run_async(self, engine: AsyncEngine) -> AsyncIterator[MapResult]:
-        """Async twin of :meth:`run_sync` on the running loop."""
+    async def run_async(self, get_engine: Callable[[], AsyncEngine]) -> AsyncIterator[MapResult]:
+        """Async twin of :meth:`run_sync` on the running loop (bound on the
+        first iteration, so the generator may be made before the loop runs)."""
+        engine = get_engine()
         loop = engine.loop
         ready = self._ready
         try:
