@@ -98,7 +98,11 @@ def table(rows: List[dict], machine: str = "") -> str:
         out.append("")
     out.append("| client | mode | events | events/s | CPU µs/event | × SDK | × floor | callbacks/event | note |")
     out.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    rows = sorted(rows, key=lambda r: (MODE_ORDER.get(r["mode"], 9), _cpu(r)))
+    # concurrency rows ("bulk ×64") group by their wire mode, then stream count
+    rows = sorted(
+        rows,
+        key=lambda r: (MODE_ORDER.get(r.get("wire", r["mode"]), 9), r.get("streams", 0), r["mode"], _cpu(r)),
+    )
     for r in rows:
         sdk, cpu = sdk_cpu.get(r["mode"]), _cpu(r)
         x_sdk = sdk / cpu if sdk and cpu > 0 else None

@@ -57,7 +57,7 @@ import urllib.parse
 import urllib.request
 from collections import OrderedDict
 from functools import lru_cache
-from typing import Dict, List, Optional, Tuple
+from typing import Sequence, Dict, List, Optional, Tuple
 
 __all__ = [
     "MODES",
@@ -206,14 +206,16 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 class StreamServer:
     """The server, in this process (a daemon accept thread + one thread per connection)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, *, max_connections: int = MAX_CONNECTIONS, backlog: int = 128
+    ) -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
-        self._sock.listen(128)
+        self._sock.listen(backlog)
         self.host, self.port = self._sock.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._slots = threading.BoundedSemaphore(max_connections)
         self._cache: "OrderedDict[Tuple[str, int], _Response]" = OrderedDict()
         self._cache_lock = threading.Lock()
         self._closed = False
@@ -402,13 +404,16 @@ def _int(s: str) -> int:
 class ServerProcess:
     """The server in a child process (``python streamserver.py``), so its CPU is not the client's."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_connections: int = MAX_CONNECTIONS, backlog: int = 128, warm: Sequence[str] = ()) -> None:
         self._proc: Optional[subprocess.Popen] = None
         self.url = ""
+        self._args = ["--max-connections", str(max_connections), "--backlog", str(backlog)]
+        for spec in warm:  # "MODE:N", rendered before the URL is printed
+            self._args += ["--warm", spec]
 
     def start(self) -> "ServerProcess":
         self._proc = subprocess.Popen(
-            [sys.executable, __file__, "--port", "0"],
+            [sys.executable, __file__, "--port", "0", *self._args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -452,10 +457,12 @@ class ServerProcess:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, help="connections served at once")
+    ap.add_argument("--backlog", type=int, default=128, help="the listen() accept backlog")
     ap.add_argument("--warm", action="append", default=[], metavar="MODE:N",
                     help="render this stream before printing the URL (repeatable)")
     args = ap.parse_args(argv)
-    srv = StreamServer(port=args.port)
+    srv = StreamServer(port=args.port, max_connections=args.max_connections, backlog=args.backlog)
     for spec in args.warm:
         mode, _, n = spec.partition(":")
         srv.response(mode, int(n))

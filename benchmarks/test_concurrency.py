@@ -27,9 +27,8 @@ CPU µs/event over this client's, this client's events/s over AsyncOpenAI's,
 same mode and run; the SDK row runs first in each mode).
 
 The server is started here rather than through the session fixture: this
-suite needs it to take 256 connections at once, which streamserver's
-``MAX_CONNECTIONS`` (64) and ``listen(128)`` backlog do not allow, so the child
-process raises both before it starts serving.
+suite needs it to take 256 connections at once, so it asks the server process
+for a larger connection limit and accept backlog.
 """
 
 from __future__ import annotations
@@ -39,15 +38,13 @@ import json
 import os
 import re
 import resource
-import subprocess
-import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 
 from . import _harness as h
-from .streamserver import render
+from .streamserver import ServerProcess, render
 
 # -- settings ----------------------------------------------------------------
 
@@ -69,70 +66,10 @@ MAX_CONNECTIONS = 1024
 BACKLOG = 1024
 ROUND_TIMEOUT_S = 600.0
 
-# -- the server, able to take 256+ connections at once ----------------------------
-
-_LAUNCH = """
-import sys
-sys.path.insert(0, sys.argv[1])
-import streamserver as ss
-ss.MAX_CONNECTIONS = int(sys.argv[2])      # read by StreamServer() for its connection semaphore
-srv = ss.StreamServer()
-srv._sock.listen(int(sys.argv[3]))          # a bigger accept backlog (listen() again updates it)
-for spec in sys.argv[4:]:
-    mode, _, n = spec.partition(":")
-    srv.response(mode, int(n))
-srv.start()
-print(srv.url, flush=True)
-try:
-    sys.stdin.read()
-except KeyboardInterrupt:
-    pass
-srv.close()
-"""
-
-
-class WideServerProcess:
-    """streamserver.py's StreamServer in a child process, with room for many connections."""
-
-    def __init__(self, warm: List[str]) -> None:
-        self.warm = warm
-        self.url = ""
-        self._proc: Optional[subprocess.Popen] = None
-
-    def __enter__(self) -> "WideServerProcess":
-        here = os.path.dirname(os.path.abspath(__file__))
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCH, here, str(MAX_CONNECTIONS), str(BACKLOG), *self.warm],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )
-        assert self._proc.stdout is not None
-        line = self._proc.stdout.readline().strip()
-        if not line.startswith("http://"):
-            self.__exit__()
-            raise RuntimeError(f"stream server did not start: {line!r}")
-        self.url = line
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        p, self._proc = self._proc, None
-        if p is None:
-            return
-        try:
-            if p.stdin:
-                p.stdin.close()
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        finally:
-            if p.stdout:
-                p.stdout.close()
-
-
 @pytest.fixture(scope="module")
 def wide_srv():
     warm = sorted({f"{'bulk' if w == 'bulk' else 'event'}:{n}" for w in WIRES for _, n in SHAPES})
-    with WideServerProcess(warm) as s:
+    with ServerProcess(max_connections=MAX_CONNECTIONS, backlog=BACKLOG, warm=warm) as s:
         yield s
 
 
