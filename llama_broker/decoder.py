@@ -100,6 +100,21 @@ def api_error_from_body(body: Any, status: Optional[int], raw: Optional[str] = N
     return APIError(raw if raw is not None else repr(err)[:2000], status=status, body=raw)
 
 
+def skip_payload(decoder: Any, payload: bytes, why: str) -> None:
+    """An undecodable payload: a ``ProtocolError`` when ``decoder.strict``, else
+    counted in ``decoder.result.skipped`` and logged (the first five)."""
+    res = decoder.result
+    if decoder.strict:
+        raise ProtocolError(
+            f"undecodable stream payload ({why}) after {res.events} events: "
+            f"{payload[:200].decode('utf-8', 'replace')!r}"
+        )
+    res.skipped += 1
+    if decoder._warned < 5:
+        decoder._warned += 1
+        log.warning("skipped an undecodable stream payload (%s): %.200r", why, payload)
+
+
 class StreamDecoder:
     """Decodes one chat stream's events and hands content to the caller.
 
@@ -349,16 +364,7 @@ class StreamDecoder:
         return False
 
     def _skip(self, payload: bytes, why: str) -> bool:
-        res = self.result
-        if self.strict:
-            raise ProtocolError(
-                f"undecodable stream payload ({why}) after {res.events} events: "
-                f"{payload[:200].decode('utf-8', 'replace')!r}"
-            )
-        res.skipped += 1
-        if self._warned < 5:
-            self._warned += 1
-            log.warning("skipped an undecodable stream payload (%s): %.200r", why, payload)
+        skip_payload(self, payload, why)
         return False
 
     # -- a server that did not stream ----------------------------------------

@@ -93,3 +93,16 @@ def idle_server(llama_server: LocalServer) -> LocalServer:
     """The shared server, once no slot is busy (a previous test may have left one)."""
     wait_idle(llama_server, timeout=30.0)
     return llama_server
+
+
+@pytest.fixture(scope="session")
+def tools_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    """A 2-slot llama-server with a tool-calling chat template (tests/toolcall.py)
+    and ``--reasoning-format deepseek``."""
+    from toolcall import TOOLS_TEMPLATE
+
+    path = tmp_path_factory.mktemp("tmpl") / "tools.jinja"
+    path.write_text(TOOLS_TEMPLATE)
+    args = ["--jinja", "--chat-template-file", str(path), "--reasoning-format", "deepseek"]
+    with LocalServer(parallel=2, ctx_per_slot=1024, extra_args=args) as server:
+        yield server
