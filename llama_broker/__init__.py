@@ -19,6 +19,7 @@ from .errors import (
     TimeoutError_,
     TransportError,
 )
+from .native import ChatReply, ToolCall, chat_completion
 from .sse import Event, EventSplitter
 
 __version__ = "0.1.0"
@@ -29,6 +30,9 @@ _logging.getLogger("llama_broker").addHandler(_logging.NullHandler())
 __all__ = [
     "APIError",
     "AsyncDeltaStream",
+    "ChatReply",
+    "ToolCall",
+    "chat_completion",
     "MapResult",
     "achat",
     "astream",
