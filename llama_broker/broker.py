@@ -107,6 +107,21 @@ def _backoff_s(cfg: ModelConfig, attempt: int) -> float:
     return cfg.retry_backoff_ms / 1000.0 * (2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
 
 
+def _retry_delay(
+    cfg: ModelConfig, err: BaseException, delivered: bool, attempt: int, deadline: float
+) -> Optional[float]:
+    """The one retry policy of every path: seconds to wait before attempt
+    ``attempt + 1`` (logged), or None when ``err`` is final (not retriable,
+    out of retries, or the wait would pass the request's deadline)."""
+    if attempt >= cfg.max_retries or not _retriable(err, delivered):
+        return None
+    delay = _backoff_s(cfg, attempt + 1)
+    if time.monotonic() + delay >= deadline:
+        return None
+    log.warning("retry %d/%d in %.2fs after: %s", attempt + 1, cfg.max_retries, delay, err)
+    return delay
+
+
 class Broker:
     """A long-lived client: pooled easy handles, keep-alive, a default config.
 
@@ -254,15 +269,11 @@ class Broker:
         self, cfg: ModelConfig, err: BrokerError, delivered: bool, attempt: int, deadline: float
     ) -> int:
         """Sleep and return the next attempt number, or raise ``err``."""
-        if attempt >= cfg.max_retries or not _retriable(err, delivered):
+        delay = _retry_delay(cfg, err, delivered, attempt, deadline)
+        if delay is None:
             raise err
-        attempt += 1
-        delay = _backoff_s(cfg, attempt)
-        if time.monotonic() + delay >= deadline:
-            raise err
-        log.warning("retry %d/%d in %.2fs after: %s", attempt, cfg.max_retries, delay, err)
         time.sleep(delay)
-        return attempt
+        return attempt + 1
 
     # -- pulled streams (SyncEngine) --------------------------------------------
     def _sync_engine(self) -> SyncEngine:

@@ -18,7 +18,6 @@ transfer that delivered output is never sent again.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -31,7 +30,6 @@ from .transport import Call
 
 __all__ = ["Transfer", "Engine", "SyncEngine", "AsyncEngine"]
 
-log = logging.getLogger("llama_broker")
 
 DecoderFactory = Callable[[float], StreamDecoder]
 
@@ -214,15 +212,12 @@ class Engine:
         t._finish(None)
 
     def _maybe_retry(self, t: Transfer, err: BrokerError) -> bool:
-        from .broker import _backoff_s, _retriable  # one retry policy for every path
+        from .broker import _retry_delay  # one retry policy for every path
 
-        if not t.retry or t.attempt >= t.cfg.max_retries or not _retriable(err, t.delivered):
-            return False
-        delay = _backoff_s(t.cfg, t.attempt + 1)
-        if time.monotonic() + delay >= t.deadline:
+        delay = _retry_delay(t.cfg, err, t.delivered, t.attempt, t.deadline) if t.retry else None
+        if delay is None:
             return False
         t.attempt += 1
-        log.warning("retry %d/%d in %.2fs after: %s", t.attempt, t.cfg.max_retries, delay, err)
         self.schedule_retry(t, delay)
         return True
 
