@@ -230,3 +230,42 @@ def test_10000_streams_and_1000_cancelled_streams_leave_rss_and_fds_flat() -> No
     # would be one fd per stream
     assert out["fd1"] <= out["fd0"] + 8, out
     assert out["fd2"] <= out["fd0"] + 8, out
+
+
+_BIG_STREAM_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import llama_broker as lb
+
+    def hwm_kb():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+
+    cfg = lb.ModelConfig(sys.argv[1], max_retries=0, timeout_ms=300000)
+    msgs = [{"role": "user", "content": "x"}]
+    lb.chat(cfg, msgs)  # warm up: imports, handles, buffers
+    base = hwm_kb()
+    n = [0]
+    def on_delta(text):
+        n[0] += 1
+    res = lb.chat_stream(cfg, msgs, on_delta)
+    print(json.dumps({"base": base, "peak": hwm_kb(), "deltas": n[0], "finish": res.finish_reason}))
+    """
+)
+
+
+def test_a_200000_event_stream_is_not_buffered() -> None:
+    # chat_stream keeps nothing per event: the peak RSS of the client after a
+    # 200,000-event (~45 MB) stream stays within a few MB of where it started.
+    n = 200_000
+    with LoopbackServer() as srv:
+        srv.script(ok(["warm"]), ok(["tok"] * n, pattern="one"))  # the warm-up gets the short one
+        proc = subprocess.run(
+            [sys.executable, "-c", _BIG_STREAM_CHILD, srv.url], capture_output=True, text=True, timeout=600
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["deltas"] == n and out["finish"] == "stop"
+    assert out["peak"] - out["base"] < 4096, out  # KiB
