@@ -100,6 +100,36 @@ def api_error_from_body(body: Any, status: Optional[int], raw: Optional[str] = N
     return APIError(raw if raw is not None else repr(err)[:2000], status=status, body=raw)
 
 
+def whole_body_as_chunk(body: bytes) -> Dict[str, Any]:
+    """A whole (non-streamed) completion body as one stream chunk: each
+    choice's ``message`` becomes its ``delta``. An error envelope raises
+    :class:`APIError`; anything else that is not a completion, ProtocolError."""
+    try:
+        obj = _loads(body)
+    except ValueError:
+        obj = None
+    if obj.__class__ is not dict or obj.get("choices").__class__ is not list:
+        if obj.__class__ is dict and "error" in obj:
+            raise api_error_from_body(obj, None, body.decode("utf-8", "replace"))
+        raise ProtocolError(
+            "the server answered with a non-event-stream body that is not a completion: "
+            f"{body[:200].decode('utf-8', 'replace')!r}"
+        )
+    chunk = dict(obj)
+    choices = []
+    for c in obj["choices"]:
+        if c.__class__ is not dict:
+            continue
+        c = dict(c)
+        if "message" in c:
+            c["delta"] = c.pop("message") or {}
+        choices.append(c)
+    chunk["choices"] = choices
+    if chunk.get("object") == "chat.completion":
+        chunk["object"] = "chat.completion.chunk"
+    return chunk
+
+
 def skip_payload(decoder: Any, payload: bytes, why: str) -> None:
     """An undecodable payload: a ``ProtocolError`` when ``decoder.strict``, else
     counted in ``decoder.result.skipped`` and logged (the first five)."""
@@ -371,28 +401,6 @@ class StreamDecoder:
     def feed_whole(self, body: bytes) -> None:
         """Decode a non-streamed ``chat.completion`` body (a server that ignored
         ``stream: true``) as if it had been one delta."""
-        res = self.result
-        try:
-            obj = _loads(body)
-        except ValueError:
-            obj = None
-        if obj.__class__ is not dict or obj.get("choices").__class__ is not list:
-            if obj.__class__ is dict and "error" in obj:
-                raise api_error_from_body(obj, None, body.decode("utf-8", "replace"))
-            raise ProtocolError(
-                "the server answered with a non-event-stream body that is not a chat completion: "
-                f"{body[:200].decode('utf-8', 'replace')!r}"
-            )
-        chunk = dict(obj)
-        chunk["choices"] = [
-            {
-                "index": c.get("index", 0),
-                "delta": c.get("message") or {},
-                "finish_reason": c.get("finish_reason"),
-                "logprobs": c.get("logprobs"),
-            }
-            for c in obj["choices"]
-            if c.__class__ is dict
-        ]
-        self._general(b"", chunk)
-        res.done = True
+        self._general(b"", whole_body_as_chunk(body))
+        self.result.done = True
+

@@ -56,7 +56,7 @@ from typing import (
 
 from .broker import Broker, default_broker, validate_messages
 from .config import ModelConfig
-from .decoder import Delta, StreamResult, api_error_from_body, skip_payload
+from .decoder import Delta, StreamResult, api_error_from_body, skip_payload, whole_body_as_chunk
 from .engine import Transfer
 from .errors import ConfigError, ProtocolError
 from .sse import DEFAULT_MAX_EVENT_BYTES, EventSplitter
@@ -294,30 +294,7 @@ class ChunkDecoder(_DecoderBase):
         """A 2xx body that is not an event stream (a server that ignored
         ``stream: true``): a whole ``chat.completion`` or ``text_completion``
         becomes one chunk (``message`` → ``delta``)."""
-        try:
-            obj = _loads(body)
-        except ValueError:
-            obj = None
-        if obj.__class__ is not dict or obj.get("choices").__class__ is not list:
-            if obj.__class__ is dict and "error" in obj:
-                raise api_error_from_body(obj, None, body.decode("utf-8", "replace"))
-            raise ProtocolError(
-                "the server answered with a non-event-stream body that is not a completion: "
-                f"{body[:200].decode('utf-8', 'replace')!r}"
-            )
-        chunk = dict(obj)
-        choices = []
-        for c in obj["choices"]:
-            if c.__class__ is not dict:
-                continue
-            c = dict(c)
-            if "message" in c:
-                c["delta"] = c.pop("message") or {}
-            choices.append(c)
-        chunk["choices"] = choices
-        obj_type = chunk.get("object")
-        if obj_type == "chat.completion":
-            chunk["object"] = "chat.completion.chunk"
+        chunk = whole_body_as_chunk(body)
         self.result.events += 1
         self._object(chunk, body)
         self.result.done = True
