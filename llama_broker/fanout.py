@@ -277,7 +277,8 @@ class Fanout:
         for t in list(self._live):
             engine.cut(t)
         self._live.clear()
-        self._progress.update(self.done, self.failed, 0, final=self._progress.shown)
+        if self._progress.shown:
+            self._progress.update(self.done, self.failed, 0, final=True)  # the last line, and a newline
 
     # -- drivers --------------------------------------------------------------------
     def run_sync(self, engine: SyncEngine) -> Iterator[MapResult]:
