@@ -198,18 +198,19 @@ class Engine:
             return
         call = t.call
         assert call is not None
-        self._detach(t, reuse=True)
+        outcome: Optional[BaseException] = None
         try:
-            call.finish(curl_error)
-        except BrokerError as err:
-            if self._maybe_retry(t, err):
-                return
-            t._finish(err)
+            call.finish(curl_error)  # before the handle is reset: it reads curl's byte count
+        except BaseException as err:  # noqa: BLE001 - sorted out below
+            outcome = err
+        self._detach(t, reuse=True)
+        if isinstance(outcome, BrokerError):
+            if not self._maybe_retry(t, outcome):
+                t._finish(outcome)
             return
-        except BaseException as err:  # KeyboardInterrupt from a callback: stop now
-            t._finish(err)
-            raise
-        t._finish(None)
+        t._finish(outcome)
+        if outcome is not None and not isinstance(outcome, Exception):
+            raise outcome  # KeyboardInterrupt from a callback: stop now
 
     def _maybe_retry(self, t: Transfer, err: BrokerError) -> bool:
         from .broker import _retry_delay  # one retry policy for every path
@@ -241,13 +242,13 @@ class Engine:
                 t._last_change = now
             elif now - t._last_change >= call.idle_s:
                 call.idle_fired = True
-                self._detach(t, reuse=False)
+                error: BrokerError = TimeoutError_("idle timeout")
                 try:
-                    call.finish(None)
+                    call.finish(None)  # raises the TimeoutError_, with curl's byte count
                 except BrokerError as err:
-                    t._finish(err)
-                else:  # pragma: no cover - finish() always raises once idle fired
-                    t._finish(TimeoutError_("idle timeout"))
+                    error = err
+                self._detach(t, reuse=False)
+                t._finish(error)
 
     def close(self) -> None:
         """Cut every transfer and close the multi handle."""

@@ -231,3 +231,21 @@ def test_connect_retries_stay_within_timeout():
         s.close()
     assert isinstance(e, (ConnectError, TimeoutError_)), e
     assert dt < 2.2, dt
+
+
+@pytest.mark.parametrize("path", ["chat_stream", "stream"])
+def test_reset_after_bytes_but_before_output_not_retried(srv, path):
+    # Headers and the role chunk arrived (the server took the request), then a
+    # reset: nothing was delivered, but this is not "reset before the first
+    # byte", so it is not retried; the error tells how many bytes came.
+    srv.script(sse(events(["x"])[:1] + [Reset()]), ok(["again"]))
+    cfg = cfg_for(srv.url, max_retries=3)
+    with pytest.raises(TransportError) as ei:
+        if path == "chat_stream":
+            chat_stream(cfg, MSGS, lambda t: None)
+        else:
+            with stream(cfg, MSGS) as s:
+                list(s)
+    assert ei.value.delivered is False
+    assert ei.value.bytes_received > 0, ei.value
+    assert len(srv.chat_requests()) == 1
