@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 import pycurl
@@ -24,7 +24,7 @@ from .decoder import StreamDecoder, api_error_from_body
 from .errors import APIError, BrokerError, ConnectError, ProtocolError, TimeoutError_, TransportError
 from .sse import EventSplitter
 
-__all__ = ["Call", "new_handle", "translate_curl_error"]
+__all__ = ["Call", "translate_curl_error"]
 
 # curl's receive buffer: bigger means fewer write callbacks on a bulk stream.
 _BUFFER_SIZE = 256 * 1024
@@ -66,11 +66,6 @@ def _redact(err: BrokerError, secrets: List[str]) -> None:
         for sec in secrets:
             body = body.replace(sec, "***")
         err.body = body
-
-
-def new_handle() -> "pycurl.Curl":
-    """A fresh easy handle."""
-    return pycurl.Curl()
 
 
 def translate_curl_error(
@@ -134,7 +129,6 @@ class Call:
         self.body_parts: List[bytes] = []
         self.body_len = 0
         self.body_truncated = False
-        self.aborted_by_us = False
         self.content_type = ""
         self.location: Optional[str] = None
         self.streaming = streaming
@@ -242,8 +236,7 @@ class Call:
                 return None
             self._keep_body(chunk)
             if self.body_truncated:
-                self.aborted_by_us = True
-                return 0
+                return 0  # the bounded part is kept; stop reading (finish() reports it)
             return None
         except BaseException as e:  # noqa: BLE001 - re-raised by finish()
             self.exc = e
@@ -403,14 +396,3 @@ class Call:
                 return err
         message = raw.strip() or f"HTTP {status} with an empty body"
         return APIError(message + suffix, status=status, body=raw or None)
-
-
-def info(handle: "pycurl.Curl") -> Dict[str, Any]:
-    """A few timing facts of the last transfer on ``handle`` (for debugging)."""
-    return {
-        "status": handle.getinfo(pycurl.RESPONSE_CODE),
-        "connect_s": handle.getinfo(pycurl.CONNECT_TIME),
-        "starttransfer_s": handle.getinfo(pycurl.STARTTRANSFER_TIME),
-        "total_s": handle.getinfo(pycurl.TOTAL_TIME),
-        "num_connects": handle.getinfo(pycurl.NUM_CONNECTS),
-    }
