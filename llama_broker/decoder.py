@@ -131,6 +131,25 @@ def whole_body_as_chunk(body: bytes) -> Dict[str, Any]:
     return chunk
 
 
+def record_envelope(res: StreamResult, obj: Dict[str, Any], payload: bytes) -> bool:
+    """What every chunk shape carries around its choices: raise an error
+    envelope as :class:`APIError`; keep the first ``id``/``model`` and any
+    ``usage``/``timings`` in ``res``. True when the chunk had usage or timings."""
+    if "error" in obj and obj.get("choices") is None:
+        raise api_error_from_body(obj, None, payload.decode("utf-8", "replace"))
+    if res.id is None and obj.get("id").__class__ is str:
+        res.id = obj["id"]
+        model = obj.get("model")
+        res.model = model if model.__class__ is str else None
+    usage = obj.get("usage")
+    if usage.__class__ is dict:
+        res.usage = usage
+    timings = obj.get("timings")
+    if timings.__class__ is dict:
+        res.timings = timings
+    return usage is not None or timings is not None
+
+
 def skip_payload(decoder: Any, payload: bytes, why: str) -> None:
     """An undecodable payload: a ``ProtocolError`` when ``decoder.strict``, else
     counted in ``decoder.result.skipped`` and logged (the first five)."""
@@ -344,21 +363,10 @@ class StreamDecoder:
         res.events += 1
         if obj.__class__ is not dict:
             return self._skip(payload, "not a JSON object")
-        if "error" in obj and "choices" not in obj:
-            raise api_error_from_body(obj, None, payload.decode("utf-8", "replace"))
-        if res.id is None and obj.get("id").__class__ is str:
-            res.id = obj["id"]
-            model = obj.get("model")
-            res.model = model if model.__class__ is str else None
-        usage = obj.get("usage")
-        if usage.__class__ is dict:
-            res.usage = usage
-        timings = obj.get("timings")
-        if timings.__class__ is dict:
-            res.timings = timings
+        has_stats = record_envelope(res, obj, payload)
         choices = obj.get("choices")
         if choices.__class__ is not list:
-            if choices is not None or (usage is None and timings is None):
+            if choices is not None or not has_stats:
                 return self._skip(payload, "no choices list")
             return False
         if not choices:

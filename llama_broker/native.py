@@ -56,7 +56,7 @@ from typing import (
 
 from .broker import Broker, default_broker, validate_messages
 from .config import ModelConfig
-from .decoder import Delta, StreamResult, api_error_from_body, skip_payload, whole_body_as_chunk
+from .decoder import Delta, StreamResult, api_error_from_body, record_envelope, skip_payload, whole_body_as_chunk
 from .engine import Transfer
 from .errors import ConfigError, ProtocolError
 from .sse import DEFAULT_MAX_EVENT_BYTES, EventSplitter
@@ -255,21 +255,10 @@ class ChunkDecoder(_DecoderBase):
 
     def _object(self, obj: Dict[str, Any], payload: bytes) -> None:
         res = self.result
+        has_stats = record_envelope(res, obj, payload)
         choices = obj.get("choices")
-        if "error" in obj and choices is None:
-            raise api_error_from_body(obj, None, payload.decode("utf-8", "replace"))
-        if res.id is None and obj.get("id").__class__ is str:
-            res.id = obj["id"]
-            model = obj.get("model")
-            res.model = model if model.__class__ is str else None
-        usage = obj.get("usage")
-        if usage.__class__ is dict:
-            res.usage = usage
-        timings = obj.get("timings")
-        if timings.__class__ is dict:
-            res.timings = timings
         if choices.__class__ is not list:
-            if choices is not None or (usage is None and timings is None):
+            if choices is not None or not has_stats:
                 self._skip(payload, "no choices list")
                 return
         else:
