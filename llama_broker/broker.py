@@ -363,6 +363,22 @@ class Broker:
         as content arrives. Cancelling the awaiting task closes the connection."""
         cfg = self._cfg(cfg)
         body = _encode_body(cfg, messages, params)
+        return await self._aperform(
+            cfg,
+            body,
+            lambda t0: StreamDecoder(on_delta, strict=cfg.strict, t0=t0, max_event_bytes=cfg.max_event_bytes),
+        )
+
+    async def _aperform(
+        self,
+        cfg: ModelConfig,
+        body: bytes,
+        make_decoder: Callable[[float], StreamDecoder],
+        *,
+        url: Optional[str] = None,
+    ) -> StreamResult:
+        """The asyncio twin of :meth:`_perform` for a streamed POST: one request
+        (with its retries) on the running loop; cancelling closes the connection."""
         eng = self._async_engine()
         fut = eng.loop.create_future()
 
@@ -370,12 +386,7 @@ class Broker:
             if not fut.done():
                 fut.set_result(None)
 
-        t = Transfer(
-            cfg,
-            body,
-            lambda t0: StreamDecoder(on_delta, strict=cfg.strict, t0=t0, max_event_bytes=cfg.max_event_bytes),
-            on_done=done,
-        )
+        t = Transfer(cfg, body, make_decoder, on_done=done, url=url)
         eng.start(t)
         try:
             await fut
@@ -470,7 +481,8 @@ class DeltaStream:
     raised.
     """
 
-    def __init__(self, broker: Broker, engine: SyncEngine, transfer: Transfer, queue: "Deque[Delta]") -> None:
+    # queue: Deltas here; subclasses (native.EventStream) queue other decoded items
+    def __init__(self, broker: Broker, engine: SyncEngine, transfer: Transfer, queue: "Deque[Any]") -> None:
         self._broker = broker
         self._engine = engine
         self._t = transfer
@@ -489,15 +501,25 @@ class DeltaStream:
     def __iter__(self) -> Iterator[Delta]:
         return self
 
+    @property
+    def finished(self) -> bool:
+        """The stream ended (completely, with an error, or closed) and every item was read."""
+        return self._t.done and not self._queue
+
+    def _end(self) -> None:
+        """At the end: raise the stream's error, once."""
+        t = self._t
+        if t.error is not None and not self._raised:
+            self._raised = True
+            raise t.error
+
     def __next__(self) -> Delta:
         q, t = self._queue, self._t
         while True:
             if q:
                 return q.popleft()
             if t.done:
-                if t.error is not None and not self._raised:
-                    self._raised = True
-                    raise t.error
+                self._end()
                 raise StopIteration
             self._engine.drive(lambda: bool(q) or t.done)
 
@@ -524,7 +546,7 @@ class DeltaStream:
 class AsyncDeltaStream:
     """An async stream of :class:`Delta` (from :meth:`Broker.astream`)."""
 
-    def __init__(self, get_engine: Callable[[], AsyncEngine], transfer: Transfer, queue: "Deque[Delta]") -> None:
+    def __init__(self, get_engine: Callable[[], AsyncEngine], transfer: Transfer, queue: "Deque[Any]") -> None:
         # The request starts on the running loop at the first __aenter__ or
         # __anext__, so the stream may be made before the loop runs.
         self._get_engine = get_engine
@@ -556,25 +578,40 @@ class AsyncDeltaStream:
             eng.start(self._t)
         return eng
 
+    @property
+    def finished(self) -> bool:
+        """The stream ended (completely, with an error, or closed) and every item was read."""
+        return self._t.done and not self._queue
+
+    def _end(self) -> None:
+        """At the end: raise the stream's error, once."""
+        t = self._t
+        if t.error is not None and not self._raised:
+            self._raised = True
+            raise t.error
+
+    async def _wait(self) -> None:
+        """Wait for the next chunk or the end; cancelled, cut the connection."""
+        eng = self._started()
+        self._waiter = eng.loop.create_future()
+        try:
+            await self._waiter
+        except BaseException:
+            eng.cut(self._t)
+            raise
+        finally:
+            self._waiter = None
+
     async def __anext__(self) -> Delta:
         q, t = self._queue, self._t
-        eng = self._started()
+        self._started()
         while True:
             if q:
                 return q.popleft()
             if t.done:
-                if t.error is not None and not self._raised:
-                    self._raised = True
-                    raise t.error
+                self._end()
                 raise StopAsyncIteration
-            self._waiter = eng.loop.create_future()
-            try:
-                await self._waiter
-            except BaseException:
-                eng.cut(t)  # cancelled: cut the connection
-                raise
-            finally:
-                self._waiter = None
+            await self._wait()
 
     async def aclose(self) -> None:
         """Stop now: the connection is closed (the server cancels the generation)."""

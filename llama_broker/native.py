@@ -36,7 +36,6 @@ Functions (each takes the :class:`ModelConfig` first and an optional
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -54,7 +53,7 @@ from typing import (
     Union,
 )
 
-from .broker import Broker, default_broker, validate_messages
+from .broker import AsyncDeltaStream, Broker, DeltaStream, default_broker, validate_messages
 from .config import ModelConfig
 from .decoder import Delta, StreamResult, api_error_from_body, record_envelope, skip_payload, whole_body_as_chunk
 from .engine import Transfer
@@ -1066,7 +1065,7 @@ def _transfer(cfg: ModelConfig, body: bytes, make_decoder: MakeDecoder, url: Opt
     return Transfer(cfg, body, lambda t0: make_decoder(queue.append, t0), url=url)  # type: ignore[arg-type,return-value]
 
 
-class EventStream:
+class EventStream(DeltaStream):
     """A pulled stream of decoded items (chunk dicts) on the Broker's
     :class:`~llama_broker.engine.SyncEngine`, driven only when asked (no threads).
 
@@ -1089,46 +1088,15 @@ class EventStream:
         *,
         url: Optional[str] = None,
     ) -> None:
-        self.cfg = cfg
-        self._broker = broker
-        self._items: Deque[Any] = deque()
-        self._t = _transfer(cfg, body, make_decoder, url, self._items)
-        self._engine = broker._sync_engine()
-        self._raised = False
-        self._engine.start(self._t)
-
-    @property
-    def result(self) -> Optional[StreamResult]:
-        """The :class:`StreamResult`, once the stream ended successfully."""
-        return self._t.result
-
-    @property
-    def finished(self) -> bool:
-        """The stream ended (completely, with an error, or closed) and every item was read."""
-        return self._t.done and not self._items
-
-    def __iter__(self) -> "EventStream":
-        return self
-
-    def _end(self) -> None:
-        t = self._t
-        if t.error is not None and not self._raised:
-            self._raised = True
-            raise t.error
-
-    def __next__(self) -> Any:
-        q, t = self._items, self._t
-        while True:
-            if q:
-                return q.popleft()
-            if t.done:
-                self._end()
-                raise StopIteration
-            self._engine.drive(lambda: bool(q) or t.done)
+        items: Deque[Any] = deque()
+        t = _transfer(cfg, body, make_decoder, url, items)
+        engine = broker._sync_engine()
+        engine.start(t)
+        super().__init__(broker, engine, t, items)
 
     def next_batch(self) -> List[Any]:
         """Every item available now (waiting for at least one); ``[]`` at the end."""
-        q, t = self._items, self._t
+        q, t = self._queue, self._t
         while not q:
             if t.done:
                 self._end()
@@ -1141,7 +1109,7 @@ class EventStream:
     def wait_started(self) -> None:
         """Drive until the response status is known to be 2xx, an item arrived, or
         the stream ended — an HTTP error is then raised here."""
-        q, t = self._items, self._t
+        q, t = self._queue, self._t
 
         def started() -> bool:
             call = t.call
@@ -1153,27 +1121,8 @@ class EventStream:
         if t.done and not q:
             self._end()
 
-    def close(self) -> None:
-        """Stop now: the connection is closed (the server cancels the generation)."""
-        self._engine.cut(self._t)
-        self._items.clear()
 
-    def __enter__(self) -> "EventStream":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        # A finalizer may run inside a curl callback: hand the transfer to the
-        # Broker, which cuts it at its next turn (as DeltaStream does).
-        t = self.__dict__.get("_t")
-        b = self.__dict__.get("_broker")
-        if t is not None and b is not None and not t.done:
-            b._orphans.append(t)
-
-
-class AsyncEventStream:
+class AsyncEventStream(AsyncDeltaStream):
     """An async stream of decoded items on the Broker's asyncio engine (curl's
     socket callbacks on the running loop, no threads): ``async for``,
     ``async with``, :meth:`aclose`; cancelling a waiting task closes the connection."""
@@ -1187,61 +1136,13 @@ class AsyncEventStream:
         *,
         url: Optional[str] = None,
     ) -> None:
-        self.cfg = cfg
-        self._items: Deque[Any] = deque()
-        t = self._t = _transfer(cfg, body, make_decoder, url, self._items)
-        self._engine = broker._async_engine()
-        self._waiter: Optional["asyncio.Future[None]"] = None
-        self._raised = False
-        t.on_chunk = self._wake
-        t.on_done = lambda _t: self._wake()
-        self._engine.start(t)
-
-    def _wake(self) -> None:
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    @property
-    def result(self) -> Optional[StreamResult]:
-        return self._t.result
-
-    @property
-    def finished(self) -> bool:
-        return self._t.done and not self._items
-
-    def _end(self) -> None:
-        t = self._t
-        if t.error is not None and not self._raised:
-            self._raised = True
-            raise t.error
-
-    async def _wait(self) -> None:
-        self._waiter = self._engine.loop.create_future()
-        try:
-            await self._waiter
-        except BaseException:
-            self._engine.cut(self._t)  # cancelled: cut the connection
-            raise
-        finally:
-            self._waiter = None
-
-    def __aiter__(self) -> "AsyncEventStream":
-        return self
-
-    async def __anext__(self) -> Any:
-        q, t = self._items, self._t
-        while True:
-            if q:
-                return q.popleft()
-            if t.done:
-                self._end()
-                raise StopAsyncIteration
-            await self._wait()
+        items: Deque[Any] = deque()
+        super().__init__(broker._async_engine, _transfer(cfg, body, make_decoder, url, items), items)
+        self._started()  # on the running loop now, so that HTTP errors surface at once
 
     async def next_batch(self) -> List[Any]:
         """Every item available now (waiting for at least one); ``[]`` at the end."""
-        q, t = self._items, self._t
+        q, t = self._queue, self._t
         while not q:
             if t.done:
                 self._end()
@@ -1253,30 +1154,11 @@ class AsyncEventStream:
 
     async def wait_started(self) -> None:
         """Wait for the first item or the end (an HTTP error is raised here)."""
-        q, t = self._items, self._t
+        q, t = self._queue, self._t
         while not q and not t.done:
             await self._wait()
         if t.done and not q:
             self._end()
-
-    async def aclose(self) -> None:
-        """Stop now: the connection is closed (the server cancels the generation)."""
-        self._engine.cut(self._t)
-        self._items.clear()
-
-    async def __aenter__(self) -> "AsyncEventStream":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    def __del__(self) -> None:
-        t = self.__dict__.get("_t")
-        if t is not None and not t.done and t.handle is not None:
-            try:
-                self._engine.loop.call_soon_threadsafe(self._engine.cut, t)
-            except RuntimeError:  # the loop is closed
-                pass
 
 
 async def aperform(
@@ -1289,24 +1171,7 @@ async def aperform(
 ) -> StreamResult:
     """The asyncio twin of ``Broker._perform`` for a streamed POST: run one
     request (with its retries) on the running loop; cancelling closes the connection."""
-    eng = broker._async_engine()
-    fut = eng.loop.create_future()
-
-    def done(t: Transfer) -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    t = Transfer(cfg, body, make_decoder, on_done=done, url=url)  # type: ignore[arg-type]
-    eng.start(t)
-    try:
-        await fut
-    finally:
-        if not t.done:
-            eng.cut(t)
-    if t.error is not None:
-        raise t.error
-    assert t.result is not None
-    return t.result
+    return await broker._aperform(cfg, body, make_decoder, url=url)
 
 
 def chat_chunks(

@@ -1015,11 +1015,12 @@ class Stream:
 
     def __next__(self) -> Any:
         ev = self._events
-        q = ev._items
+        q = ev._queue
         if q:
             return self._wrap(q.popleft())
         try:
-            return self._wrap(ev.__next__())
+            chunk: Any = ev.__next__()  # a chunk dict (EventStream queues chunks, not Deltas)
+            return self._wrap(chunk)
         except BrokerError as err:
             raise _convert(err, self._request) from err
 
@@ -1054,11 +1055,12 @@ class AsyncStream:
 
     async def __anext__(self) -> Any:
         ev = self._events
-        q = ev._items
+        q = ev._queue
         if q:
             return self._wrap(q.popleft())
         try:
-            return self._wrap(await ev.__anext__())
+            chunk: Any = await ev.__anext__()  # a chunk dict (see Stream.__next__)
+            return self._wrap(chunk)
         except BrokerError as err:
             raise _convert(err, self._request) from err
 
