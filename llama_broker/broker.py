@@ -575,6 +575,7 @@ class AsyncDeltaStream:
         eng = self._engine
         if eng is None:
             eng = self._engine = self._get_engine()
+            self._t.start_clock()  # timeouts and timings count from now, not from astream()
             eng.start(self._t)
         return eng
 

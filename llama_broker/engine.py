@@ -98,6 +98,13 @@ class Transfer:
         self._last_n = -1
         self._last_change = 0.0
 
+    def start_clock(self) -> None:
+        """Count ``timeout_ms``, ``ttft_s`` and ``elapsed_s`` from now (a request
+        made before it is started, such as an ``astream()`` made before its
+        loop runs, starts its clock when it is actually sent)."""
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + self.cfg.timeout_ms / 1000.0
+
     @property
     def delivered(self) -> bool:
         """Whether any output reached the caller (never retried then)."""
