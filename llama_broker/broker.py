@@ -19,6 +19,7 @@ import logging
 import random
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
@@ -555,12 +556,22 @@ class AsyncDeltaStream:
         self._queue = queue
         self._waiter: Optional["asyncio.Future[None]"] = None
         self._raised = False
-        transfer.on_chunk = self._wake
-        transfer.on_done = lambda t: self._wake()
+        # The engine holds the transfer while it runs: were the transfer to
+        # hold this stream, a stream left with `break` would never be freed
+        # (and never cut). It wakes the stream through a weak reference.
+        ref = weakref.ref(self)
+
+        def wake() -> None:
+            s = ref()
+            if s is not None:
+                s._wake()
+
+        transfer.on_chunk = wake
+        transfer.on_done = lambda t: wake()
 
     def _wake(self) -> None:
         w = self._waiter
-        if w is not None and not w.done():
+        if w is not None and not w.done() and not w.get_loop().is_closed():
             w.set_result(None)
 
     @property
@@ -630,12 +641,19 @@ class AsyncDeltaStream:
         await self.aclose()
 
     def __del__(self) -> None:
+        # Dropped while open (``break`` out of ``async for``): close the
+        # connection. A finalizer may run inside a curl callback, where the
+        # multi handle must not be touched: the cut runs at the loop's next turn.
         t = self.__dict__.get("_t")
         eng = self.__dict__.get("_engine")
-        if t is not None and eng is not None and not t.done and t.handle is not None:
+        if t is None or eng is None or t.done:
+            return
+        try:
+            eng.loop.call_soon_threadsafe(eng.cut, t)
+        except RuntimeError:  # the loop is closed: no curl callback can be running
             try:
-                eng.loop.call_soon_threadsafe(eng.cut, t)
-            except RuntimeError:  # the loop is closed: nothing runs the transfer anymore
+                eng.cut(t)
+            except Exception:  # noqa: BLE001 - never raise from a finalizer
                 pass
 
 
