@@ -143,7 +143,8 @@ class Broker:
         self.max_host_connections = max_host_connections
         self._idle: List["pycurl.Curl"] = []
         self._sync: Optional[SyncEngine] = None
-        self._async: Optional[AsyncEngine] = None
+        self._async: Optional[AsyncEngine] = None  # the engine of the loop last used
+        self._asyncs: List[AsyncEngine] = []  # every asyncio engine not yet closed, on any loop
         self._orphans: List[Transfer] = []  # pulled streams dropped while open
         self._closed = False
 
@@ -348,8 +349,14 @@ class Broker:
                 raise ConfigError("this Broker is closed")
             if eng is not None and not eng.loop.is_closed():
                 raise ConfigError("this Broker is already used by another event loop; use one Broker per loop")
+            # Nothing can drive the transfers of a closed loop again (a stream
+            # left open by a previous asyncio.run()): close their connections.
+            for old in [e for e in self._asyncs if e.loop.is_closed()]:
+                self._asyncs.remove(old)
+                old.close("its event loop was closed")
             eng = self._async = AsyncEngine(loop, self._acquire, self._release)
             eng.set_max_host_connections(self.max_host_connections)
+            self._asyncs.append(eng)
         return eng
 
     async def achat_stream(
@@ -384,7 +391,7 @@ class Broker:
         fut = eng.loop.create_future()
 
         def done(t: Transfer) -> None:
-            if not fut.done():
+            if not fut.done() and not fut.get_loop().is_closed():
                 fut.set_result(None)
 
         t = Transfer(cfg, body, make_decoder, on_done=done, url=url)
@@ -429,16 +436,20 @@ class Broker:
         return fan.run_async(self._async_engine)
 
     def close(self) -> None:
-        """Close every pooled handle and the multi handles. Open streams are cut."""
+        """Close every pooled handle and the multi handles. Open streams are cut.
+
+        Requests still in flight on asyncio (``achat``, ``astream``, ``amap``,
+        on any loop this Broker was used on) end at once with a
+        :class:`TransportError`; streams of a loop that is already closed are
+        cut without touching that loop."""
         if self._closed:
             return
         self._closed = True
-        for eng in (self._sync, self._async):
-            if eng is not None:
-                try:
-                    eng.close()
-                except RuntimeError:  # pragma: no cover - the loop was closed first
-                    eng.multi.close()
+        if self._sync is not None:
+            self._sync.close()
+        asyncs, self._asyncs = self._asyncs, []
+        for aeng in asyncs:
+            aeng.close("the Broker was closed")
         self._sync = self._async = None
         self._orphans.clear()
         for h in self._idle:
