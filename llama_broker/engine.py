@@ -352,6 +352,7 @@ class AsyncEngine(Engine):
         self._timer: Optional[asyncio.TimerHandle] = None
         self._watch: Optional[asyncio.TimerHandle] = None
         self._retrying: Dict[Transfer, asyncio.TimerHandle] = {}  # transfers waiting for a retry
+        self._acting = False  # inside socket_action (curl's callbacks): curl handles cannot be closed
         #: why the engine was closed (None while open)
         self.closed: Optional[str] = None
         self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
@@ -389,10 +390,17 @@ class AsyncEngine(Engine):
         if self.closed is not None:
             return
         m = self.multi
-        while True:
-            ret, _ = m.socket_action(fd, events)
-            if ret != pycurl.E_CALL_MULTI_PERFORM:
-                break
+        self._acting = True
+        try:
+            while True:
+                ret, _ = m.socket_action(fd, events)
+                if ret != pycurl.E_CALL_MULTI_PERFORM:
+                    break
+        finally:
+            self._acting = False
+        if self.closed is not None:  # closed from a callback (an on_delta): curl is free now
+            self._teardown()
+            return
         self.collect()
 
     def check_open(self) -> None:
@@ -435,7 +443,8 @@ class AsyncEngine(Engine):
         """Close every connection and the multi handle; end each transfer still
         running or waiting for a retry with a :class:`TransportError` naming
         ``reason`` (its ``on_done`` runs, so awaiting tasks wake up). Safe to
-        call twice, and after the loop was closed (the loop is then not touched)."""
+        call twice, from a transfer's callback, and after the loop was closed
+        (the loop is then not touched)."""
         if self.closed is not None:
             return
         self.closed = reason
@@ -462,7 +471,7 @@ class AsyncEngine(Engine):
             if t.handle is not None:
                 try:
                     n = int(t.handle.getinfo(pycurl.SIZE_DOWNLOAD_T))
-                except pycurl.error:  # pragma: no cover - a handle curl no longer knows
+                except pycurl.error:  # inside curl's callbacks getinfo() is refused
                     n = 0
             err = TransportError(
                 f"{reason} while this request was in flight ({n} bytes received)",
@@ -470,13 +479,20 @@ class AsyncEngine(Engine):
                 delivered=t.delivered,
             )
             ended.append((t, err))
-            try:
-                self.cut(t)  # closes its connection: the server cancels the generation
-            except pycurl.error:  # pragma: no cover - keep closing the others
-                pass
-        self.multi.close()
+        if not self._acting:  # else _act() tears down once curl returns
+            self._teardown()
         for t, err in ended:
             try:
                 t._finish(err)
             except Exception:  # noqa: BLE001 - e.g. a waiter whose loop is gone: nobody to tell
                 pass
+
+    def _teardown(self) -> None:
+        """Close every connection (the server cancels the generation) and the multi handle."""
+        for t in list(self.active.values()):
+            try:
+                self._detach(t, reuse=False)
+            except pycurl.error:  # pragma: no cover - keep closing the others
+                pass
+        self.active.clear()
+        self.multi.close()

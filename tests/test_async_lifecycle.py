@@ -104,6 +104,27 @@ def test_broker_close_ends_every_async_request_in_flight(srv):
     asyncio.run(main())
 
 
+def test_broker_close_from_on_delta_ends_the_request(srv):
+    """close() called from inside curl's callback (an on_delta) cannot close curl's
+    handles there: the request still ends at once, the connection right after."""
+    srv.script(paced(LONG, 0.01))
+
+    async def main() -> None:
+        b = Broker(cfg_for(srv))
+        seen: List[str] = []
+
+        def on_delta(c: str) -> None:
+            seen.append(c)
+            if len(seen) == 3:
+                b.close()
+
+        with pytest.raises(TransportError, match="Broker was closed"):
+            await asyncio.wait_for(b.achat_stream(MSGS, on_delta), 2.0)
+        assert await until(lambda: srv.outcomes == ["client-gone"], 1.0), srv.outcomes
+
+    asyncio.run(main())
+
+
 def test_async_openai_close_ends_requests_in_flight(srv):
     """AsyncOpenAI.close() with a create() waiting and a stream being read:
     both tasks end promptly with the SDK's APIConnectionError (a BrokerError)."""
