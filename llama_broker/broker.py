@@ -414,8 +414,10 @@ class Broker:
 
     def astream(self, messages: Messages, *, cfg: Optional[ModelConfig] = None, **params: Any) -> "AsyncDeltaStream":
         """An async iterator of :class:`Delta` and async context manager, driven
-        by curl's socket callbacks on the running loop. Leaving early or
-        cancelling closes the connection."""
+        by curl's socket callbacks on the running loop. Leaving early
+        (``aclose()``, the ``async with`` block, or ``break`` and dropping the
+        stream) or cancelling closes the connection. The request is sent, and
+        its timeouts start, at the first ``async for``/``async with``."""
         cfg = self._cfg(cfg)
         body = _encode_body(cfg, messages, params)
         queue: Deque[Delta] = deque()
@@ -597,8 +599,9 @@ class AsyncDeltaStream:
         eng = self._engine
         if eng is None:
             eng = self._engine = self._get_engine()
-            self._t.start_clock()  # timeouts and timings count from now, not from astream()
-            eng.start(self._t)
+            if not self._t.done:  # (closed before it started: never sent)
+                self._t.start_clock()  # timeouts and timings count from now, not from astream()
+                eng.start(self._t)
         return eng
 
     @property

@@ -236,6 +236,11 @@ def test_aclose_and_async_with_close_the_connection(srv):
                 async for _ in s2:
                     break
             assert await until(lambda: srv.outcomes.count("client-gone") == 2, 1.5), srv.outcomes
+            s3 = b.astream(MSGS)
+            await s3.aclose()  # closed before it started: it is never sent
+            assert [d async for d in s3] == []
+            await asyncio.sleep(0.2)
+            assert len(srv.chat_requests()) == 2
 
     asyncio.run(main())
 
@@ -353,3 +358,55 @@ def test_close_reaches_every_loop_the_broker_was_used_on(srv):
         assert loop1.touched == [], f"the closed loop was used: {loop1.touched}"
     finally:
         b.close()
+
+
+# ============================================ the same on a real llama-server ====
+
+LONG_PROMPT = [{"role": "user", "content": "Write a very long story about the sea."}]
+
+
+@pytest.mark.llama_server
+@pytest.mark.parametrize("how", ["break", "broker-close"])
+def test_real_server_slot_is_freed_by_break_and_by_close(idle_server: Any, tools: Any, how: str) -> None:
+    """Leaving ``async for`` with break (no aclose, no async with) and closing the
+    Broker under an achat both stop the generation: the slot goes idle while the
+    loop goes on."""
+    slot_id = 2
+    cfg = idle_server.config(temperature=0.8, timeout_ms=300_000)
+    params = dict(max_tokens=2000, ignore_eos=True, seed=5, id_slot=slot_id)
+
+    async def busy() -> bool:
+        return bool(tools.get_slots(idle_server)[slot_id]["is_processing"])
+
+    async def go() -> float:
+        b = Broker(cfg)
+        try:
+            if how == "break":
+                n = 0
+                async for d in b.astream(LONG_PROMPT, **params):
+                    n += bool(d.content)
+                    if n >= 5:
+                        break
+                assert await busy()
+                t_left = time.monotonic()
+            else:
+                task = asyncio.create_task(b.achat(LONG_PROMPT, **params))
+                deadline = time.monotonic() + 120
+                while not await busy():
+                    assert time.monotonic() < deadline and not task.done()
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.5)
+                t_left = time.monotonic()
+                b.close()
+                with pytest.raises(TransportError):
+                    await asyncio.wait_for(task, 2.0)
+            for _ in range(200):  # bounded: 200 x 50 ms, the loop turning
+                if not await busy():
+                    return time.monotonic() - t_left
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"slot still busy 10 s after the client left ({how})")
+        finally:
+            b.close()
+
+    stopped_after = asyncio.run(go())
+    assert stopped_after < 5.0, stopped_after  # the server checks for a departed client about once a second
