@@ -19,6 +19,7 @@ import logging
 import random
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
@@ -142,7 +143,8 @@ class Broker:
         self.max_host_connections = max_host_connections
         self._idle: List["pycurl.Curl"] = []
         self._sync: Optional[SyncEngine] = None
-        self._async: Optional[AsyncEngine] = None
+        self._async: Optional[AsyncEngine] = None  # the engine of the loop last used
+        self._asyncs: List[AsyncEngine] = []  # every asyncio engine not yet closed, on any loop
         self._orphans: List[Transfer] = []  # pulled streams dropped while open
         self._closed = False
 
@@ -347,8 +349,14 @@ class Broker:
                 raise ConfigError("this Broker is closed")
             if eng is not None and not eng.loop.is_closed():
                 raise ConfigError("this Broker is already used by another event loop; use one Broker per loop")
+            # Nothing can drive the transfers of a closed loop again (a stream
+            # left open by a previous asyncio.run()): close their connections.
+            for old in [e for e in self._asyncs if e.loop.is_closed()]:
+                self._asyncs.remove(old)
+                old.close("its event loop was closed")
             eng = self._async = AsyncEngine(loop, self._acquire, self._release)
             eng.set_max_host_connections(self.max_host_connections)
+            self._asyncs.append(eng)
         return eng
 
     async def achat_stream(
@@ -383,7 +391,7 @@ class Broker:
         fut = eng.loop.create_future()
 
         def done(t: Transfer) -> None:
-            if not fut.done():
+            if not fut.done() and not fut.get_loop().is_closed():
                 fut.set_result(None)
 
         t = Transfer(cfg, body, make_decoder, on_done=done, url=url)
@@ -406,8 +414,10 @@ class Broker:
 
     def astream(self, messages: Messages, *, cfg: Optional[ModelConfig] = None, **params: Any) -> "AsyncDeltaStream":
         """An async iterator of :class:`Delta` and async context manager, driven
-        by curl's socket callbacks on the running loop. Leaving early or
-        cancelling closes the connection."""
+        by curl's socket callbacks on the running loop. Leaving early
+        (``aclose()``, the ``async with`` block, or ``break`` and dropping the
+        stream) or cancelling closes the connection. The request is sent, and
+        its timeouts start, at the first ``async for``/``async with``."""
         cfg = self._cfg(cfg)
         body = _encode_body(cfg, messages, params)
         queue: Deque[Delta] = deque()
@@ -428,16 +438,20 @@ class Broker:
         return fan.run_async(self._async_engine)
 
     def close(self) -> None:
-        """Close every pooled handle and the multi handles. Open streams are cut."""
+        """Close every pooled handle and the multi handles. Open streams are cut.
+
+        Requests still in flight on asyncio (``achat``, ``astream``, ``amap``,
+        on any loop this Broker was used on) end at once with a
+        :class:`TransportError`; streams of a loop that is already closed are
+        cut without touching that loop."""
         if self._closed:
             return
         self._closed = True
-        for eng in (self._sync, self._async):
-            if eng is not None:
-                try:
-                    eng.close()
-                except RuntimeError:  # pragma: no cover - the loop was closed first
-                    eng.multi.close()
+        if self._sync is not None:
+            self._sync.close()
+        asyncs, self._asyncs = self._asyncs, []
+        for aeng in asyncs:
+            aeng.close("the Broker was closed")
         self._sync = self._async = None
         self._orphans.clear()
         for h in self._idle:
@@ -555,12 +569,22 @@ class AsyncDeltaStream:
         self._queue = queue
         self._waiter: Optional["asyncio.Future[None]"] = None
         self._raised = False
-        transfer.on_chunk = self._wake
-        transfer.on_done = lambda t: self._wake()
+        # The engine holds the transfer while it runs: were the transfer to
+        # hold this stream, a stream left with `break` would never be freed
+        # (and never cut). It wakes the stream through a weak reference.
+        ref = weakref.ref(self)
+
+        def wake() -> None:
+            s = ref()
+            if s is not None:
+                s._wake()
+
+        transfer.on_chunk = wake
+        transfer.on_done = lambda t: wake()
 
     def _wake(self) -> None:
         w = self._waiter
-        if w is not None and not w.done():
+        if w is not None and not w.done() and not w.get_loop().is_closed():
             w.set_result(None)
 
     @property
@@ -575,7 +599,9 @@ class AsyncDeltaStream:
         eng = self._engine
         if eng is None:
             eng = self._engine = self._get_engine()
-            eng.start(self._t)
+            if not self._t.done:  # (closed before it started: never sent)
+                self._t.start_clock()  # timeouts and timings count from now, not from astream()
+                eng.start(self._t)
         return eng
 
     @property
@@ -629,12 +655,19 @@ class AsyncDeltaStream:
         await self.aclose()
 
     def __del__(self) -> None:
+        # Dropped while open (``break`` out of ``async for``): close the
+        # connection. A finalizer may run inside a curl callback, where the
+        # multi handle must not be touched: the cut runs at the loop's next turn.
         t = self.__dict__.get("_t")
         eng = self.__dict__.get("_engine")
-        if t is not None and eng is not None and not t.done and t.handle is not None:
+        if t is None or eng is None or t.done:
+            return
+        try:
+            eng.loop.call_soon_threadsafe(eng.cut, t)
+        except RuntimeError:  # the loop is closed: no curl callback can be running
             try:
-                eng.loop.call_soon_threadsafe(eng.cut, t)
-            except RuntimeError:  # the loop is closed: nothing runs the transfer anymore
+                eng.cut(t)
+            except Exception:  # noqa: BLE001 - never raise from a finalizer
                 pass
 
 

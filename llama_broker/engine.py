@@ -25,7 +25,7 @@ import pycurl
 
 from .config import ModelConfig
 from .decoder import StreamDecoder, StreamResult
-from .errors import BrokerError, TimeoutError_
+from .errors import BrokerError, TimeoutError_, TransportError
 from .transport import Call
 
 __all__ = ["Transfer", "Engine", "SyncEngine", "AsyncEngine"]
@@ -97,6 +97,13 @@ class Transfer:
         self.tag = tag
         self._last_n = -1
         self._last_change = 0.0
+
+    def start_clock(self) -> None:
+        """Count ``timeout_ms``, ``ttft_s`` and ``elapsed_s`` from now (a request
+        made before it is started, such as an ``astream()`` made before its
+        loop runs, starts its clock when it is actually sent)."""
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + self.cfg.timeout_ms / 1000.0
 
     @property
     def delivered(self) -> bool:
@@ -323,7 +330,12 @@ class SyncEngine(Engine):
 
 
 class AsyncEngine(Engine):
-    """Runs its transfers on an asyncio loop through curl's socket/timer callbacks."""
+    """Runs its transfers on an asyncio loop through curl's socket/timer callbacks.
+
+    :meth:`close` ends every transfer it holds (running or waiting for a
+    retry) with a :class:`TransportError`, so no awaiting task is left
+    hanging; it works, without touching the loop, after the loop was closed.
+    """
 
     #: how often stalled transfers are checked for the idle timeout
     WATCH_S = 0.25
@@ -339,11 +351,18 @@ class AsyncEngine(Engine):
         self._fds: Dict[int, int] = {}
         self._timer: Optional[asyncio.TimerHandle] = None
         self._watch: Optional[asyncio.TimerHandle] = None
+        self._retrying: Dict[Transfer, asyncio.TimerHandle] = {}  # transfers waiting for a retry
+        self._acting = False  # inside socket_action (curl's callbacks): curl handles cannot be closed
+        #: why the engine was closed (None while open)
+        self.closed: Optional[str] = None
         self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
         self.multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
 
     # curl -> loop ----------------------------------------------------------------
     def _on_socket(self, what: int, fd: int, multi: Any, socketp: Any) -> None:
+        if self.closed is not None or self.loop.is_closed():  # nothing to tell a dead loop
+            self._fds.pop(fd, None)
+            return
         loop = self.loop
         old = self._fds.pop(fd, None)
         if old is not None:
@@ -363,25 +382,41 @@ class AsyncEngine(Engine):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if timeout_ms >= 0:
+        if timeout_ms >= 0 and self.closed is None and not self.loop.is_closed():
             self._timer = self.loop.call_later(timeout_ms / 1000.0, self._act, pycurl.SOCKET_TIMEOUT, 0)
 
     # loop -> curl ----------------------------------------------------------------
     def _act(self, fd: int, events: int) -> None:
+        if self.closed is not None:
+            return
         m = self.multi
-        while True:
-            ret, _ = m.socket_action(fd, events)
-            if ret != pycurl.E_CALL_MULTI_PERFORM:
-                break
+        self._acting = True
+        try:
+            while True:
+                ret, _ = m.socket_action(fd, events)
+                if ret != pycurl.E_CALL_MULTI_PERFORM:
+                    break
+        finally:
+            self._acting = False
+        if self.closed is not None:  # closed from a callback (an on_delta): curl is free now
+            self._teardown()
+            return
         self.collect()
 
+    def check_open(self) -> None:
+        """Raise the :class:`TransportError` of a closed engine (no-op while open)."""
+        if self.closed is not None:
+            raise TransportError(self.closed)
+
     def start(self, t: Transfer) -> None:
+        self.check_open()
         super().start(t)
         if self._watch is None:
             self._watch = self.loop.call_later(self.WATCH_S, self._check_idle)
 
     def schedule_retry(self, t: Transfer, delay: float) -> None:
         def again() -> None:
+            self._retrying.pop(t, None)
             if t.done:
                 return
             try:
@@ -389,23 +424,75 @@ class AsyncEngine(Engine):
             except BaseException as e:  # noqa: BLE001 - handed to the transfer
                 t._finish(e)
 
-        self.loop.call_later(delay, again)
+        self._retrying[t] = self.loop.call_later(delay, again)
+
+    def _forget_retry(self, t: Transfer) -> None:
+        h = self._retrying.pop(t, None)
+        if h is not None:
+            h.cancel()
 
     def _check_idle(self) -> None:
         self._watch = None
+        if self.closed is not None:
+            return
         self.check_idle(time.monotonic())
         if self.active:
             self._watch = self.loop.call_later(self.WATCH_S, self._check_idle)
 
-    def close(self) -> None:
-        for fd, what in list(self._fds.items()):
-            if what in (pycurl.POLL_IN, pycurl.POLL_INOUT):
-                self.loop.remove_reader(fd)
-            if what in (pycurl.POLL_OUT, pycurl.POLL_INOUT):
-                self.loop.remove_writer(fd)
+    def close(self, reason: str = "the Broker was closed") -> None:
+        """Close every connection and the multi handle; end each transfer still
+        running or waiting for a retry with a :class:`TransportError` naming
+        ``reason`` (its ``on_done`` runs, so awaiting tasks wake up). Safe to
+        call twice, from a transfer's callback, and after the loop was closed
+        (the loop is then not touched)."""
+        if self.closed is not None:
+            return
+        self.closed = reason
+        alive = not self.loop.is_closed()
+        if alive:
+            for fd, what in list(self._fds.items()):
+                if what in (pycurl.POLL_IN, pycurl.POLL_INOUT):
+                    self.loop.remove_reader(fd)
+                if what in (pycurl.POLL_OUT, pycurl.POLL_INOUT):
+                    self.loop.remove_writer(fd)
         self._fds.clear()
-        for h in (self._timer, self._watch):
-            if h is not None:
-                h.cancel()
-        super().close()
+        if alive:
+            for h in (self._timer, self._watch, *self._retrying.values()):
+                if h is not None:
+                    h.cancel()
+        self._timer = self._watch = None
+        waiting = list(self._retrying)
+        self._retrying.clear()
+        ended: List[Any] = []
+        for t in list(self.active.values()) + waiting:
+            if t.done:
+                continue
+            n = 0
+            if t.handle is not None:
+                try:
+                    n = int(t.handle.getinfo(pycurl.SIZE_DOWNLOAD_T))
+                except pycurl.error:  # inside curl's callbacks getinfo() is refused
+                    n = 0
+            err = TransportError(
+                f"{reason} while this request was in flight ({n} bytes received)",
+                bytes_received=n,
+                delivered=t.delivered,
+            )
+            ended.append((t, err))
+        if not self._acting:  # else _act() tears down once curl returns
+            self._teardown()
+        for t, err in ended:
+            try:
+                t._finish(err)
+            except Exception:  # noqa: BLE001 - e.g. a waiter whose loop is gone: nobody to tell
+                pass
 
+    def _teardown(self) -> None:
+        """Close every connection (the server cancels the generation) and the multi handle."""
+        for t in list(self.active.values()):
+            try:
+                self._detach(t, reuse=False)
+            except pycurl.error:  # pragma: no cover - keep closing the others
+                pass
+        self.active.clear()
+        self.multi.close()

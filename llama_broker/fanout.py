@@ -304,9 +304,11 @@ class Fanout:
         ready = self._ready
         try:
             while True:
+                engine.check_open()  # Broker.close() ends the run (not one error per request left)
                 self.fill(engine)
                 while ready:
                     yield ready.popleft()
+                    engine.check_open()
                     self.fill(engine)
                 if self.finished:
                     return

@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "LoopbackServer", "Reply", "Request", "Stall", "Reset", "Close", "Huge",
-    "chunk", "data", "events", "ok", "sse", "api_error", "raw", "redirect", "reset_now",
+    "chunk", "data", "events", "ok", "sse", "api_error", "raw", "redirect", "reset_now", "paced",
     "usage_chunk", "DONE",
     "error_envelope", "CHAT_PATH", "PATTERNS",
 ]
@@ -176,6 +176,16 @@ def ok(tokens: Sequence[str] = ("Hel", "lo"), *, pattern: str = "events", seed: 
     return Reply(headers=_SSE_HEADERS, body=events(tokens, **kw), pattern=pattern, seed=seed, gzip=gzip)
 
 
+def paced(n: int, gap: float = 0.02, token: str = "t") -> Reply:
+    """A long stream paced like a real server: ``n`` tokens, ``gap`` seconds
+    apart (a client that leaves is noticed at the next write or two)."""
+    body: List[Item] = [data(chunk({"role": "assistant", "content": None}))]
+    for _ in range(n):
+        body += [Stall(gap), data(chunk({"content": token}))]
+    body += [data(chunk({}, "stop")), DONE]
+    return sse(body)
+
+
 def sse(body: Sequence[Item], **kw: Any) -> Reply:
     """A 200 event stream with an arbitrary body."""
     return Reply(headers=_SSE_HEADERS, body=list(body), **kw)
@@ -225,6 +235,7 @@ class LoopbackServer:
         self.outcomes: List[str] = []       # one per chat reply: complete/reset/closed/client-gone/stopped
         self.bytes_sent: List[int] = []     # body bytes written per chat reply
         self.compressed: List[bool] = []    # per chat reply: gzip used
+        self.ended_at: List[float] = []     # per chat reply: time.monotonic() when it ended
         self._queue: List[Union[Reply, Callable[[Request], Reply]]] = [ok()]
         self._lock = threading.Condition()
         self._busy = 0
@@ -264,6 +275,17 @@ class LoopbackServer:
         deadline = time.monotonic() + timeout
         with self._lock:
             while self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(left)
+        return True
+
+    def wait_replies(self, n: int, timeout: float = 5.0) -> bool:
+        """Wait until ``n`` chat replies have ended (``outcomes`` has ``n`` entries)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while len(self.outcomes) < n:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -406,6 +428,7 @@ class LoopbackServer:
                     self.outcomes.append(outcome)
                     self.bytes_sent.append(sent)
                     self.compressed.append(gz)
+                    self.ended_at.append(time.monotonic())
                     self._busy -= 1
                     self._lock.notify_all()
             return keep
