@@ -25,6 +25,7 @@ from .config import ModelConfig
 from .decoder import StreamDecoder, StreamResult
 from .engine import AsyncEngine, Engine, SyncEngine, Transfer
 from .errors import BrokerError, ConfigError
+from .policy import backoff_s, encode_chat_body, retriable
 
 __all__ = ["MapResult", "Fanout"]
 
@@ -202,12 +203,10 @@ class Fanout:
             self._start(engine, item, ep)
 
     def _start(self, engine: Engine, item: _Item, ep: _Endpoint) -> None:
-        from .broker import _encode_body
-
         cfg = ep.cfg
         parts: List[str] = []
         try:
-            body = _encode_body(cfg, item.messages, item.params)
+            body = encode_chat_body(cfg, item.messages, item.params)
         except ConfigError as err:
             self._emit(MapResult(index=item.index, error=err, endpoint=cfg.base_url))
             return
@@ -228,17 +227,15 @@ class Fanout:
             self._emit(MapResult(index=item.index, error=err, endpoint=cfg.base_url))
 
     def _on_done(self, t: Transfer) -> None:
-        from .broker import _backoff_s, _retriable
-
         item, ep, parts = t.tag
         self._live.discard(t)
         ep.outstanding -= 1
         err = t.error
         if err is None:
             ep.fails = 0
-        elif isinstance(err, BrokerError) and _retriable(err, t.delivered) and item.attempts < self._max_attempts:
+        elif isinstance(err, BrokerError) and retriable(err, t.delivered) and item.attempts < self._max_attempts:
             ep.fails += 1
-            delay = _backoff_s(ep.cfg, ep.fails)
+            delay = backoff_s(ep.cfg, ep.fails)
             ep.rest_until = time.monotonic() + delay
             log.warning("map: request %d failed on %s (%s); endpoint rested %.2fs, request requeued", item.index, ep.cfg.base_url, err, delay)
             self._requeue.appendleft(item)

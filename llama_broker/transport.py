@@ -24,7 +24,7 @@ from .decoder import StreamDecoder, api_error_from_body
 from .errors import APIError, BrokerError, ConnectError, ProtocolError, TimeoutError_, TransportError
 from .sse import EventSplitter
 
-__all__ = ["Call", "translate_curl_error"]
+__all__ = ["Call", "RESET_CODES", "translate_curl_error"]
 
 # curl's receive buffer: bigger means fewer write callbacks on a bulk stream.
 _BUFFER_SIZE = 256 * 1024
@@ -39,7 +39,7 @@ _CONNECT_CODES = {
 }
 # The peer closed or reset the connection; before any byte arrived such a
 # request never reached the model and is safe to retry.
-_RESET_CODES = {
+RESET_CODES = _RESET_CODES = {
     pycurl.E_GOT_NOTHING,
     pycurl.E_RECV_ERROR,
     pycurl.E_SEND_ERROR,
