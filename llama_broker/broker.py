@@ -258,8 +258,10 @@ class Broker:
         base URLs or ModelConfigs (default: this Broker's config). Yields a
         :class:`MapResult` per request as it completes (``.index`` is its
         position), going on past failures (``.error``). A request that fails
-        before any output on a refused connection, an early reset or a 503 is
-        sent to another endpoint and that endpoint is rested with backoff.
+        before any output on a refused connection, an early reset, a 429 or a
+        503 is sent to another endpoint and that endpoint is rested with a
+        capped backoff (or the server's Retry-After); when every endpoint
+        rests, each request waits its own backoff, as ``chat()`` would.
         A progress line is shown on a terminal's stderr unless ``progress``
         is False. One thread, no threads spawned.
         """
