@@ -21,7 +21,8 @@ Resting and retrying follow the blocking path's policy (``policy.py``), so
 * An endpoint's rest is the server's ``Retry-After``, else the capped,
   jittered backoff of its consecutive failures — counting one failure per
   probe: requests that were already in flight when it failed do not lengthen
-  the rest. An answer ends the rest.
+  the rest. An answer ends the rest, and the requests waiting to go back to
+  that endpoint go at once (a loading server is used as soon as it answers).
 """
 
 from __future__ import annotations
@@ -290,7 +291,10 @@ class Fanout:
         err = t.error
         if err is None:
             ep.fails = 0
-            ep.rest_until = 0.0  # it answers again
+            ep.rest_until = 0.0  # it answers again: so may the requests waiting for it
+            for waiting in self._requeue:
+                if waiting.last_ep is ep:
+                    waiting.retry_at = 0.0
         elif isinstance(err, BrokerError) and retriable(err, t.delivered) and item.attempts < self._max_attempts:
             now = time.monotonic()
             asked = retry_after_s(err)
