@@ -268,7 +268,7 @@ def test_reset_after_bytes_but_before_output_not_retried(srv, path):
     assert len(srv.chat_requests()) == 1
 
 
-# ======================================================== map() backoff (item 4) ====
+# ======================================================== map() backoff ====
 def in_thread(fn, timeout):
     """``fn()`` on a daemon thread; fails (instead of hanging) after ``timeout`` s."""
     box = {}
@@ -337,27 +337,7 @@ def test_map_recovers_from_a_loading_server_as_fast_as_the_blocking_path(srv, ho
     assert dt_after_loaded < 4.0, dt_after_loaded
 
 
-def test_map_endpoint_rest_is_not_lengthened_by_requests_already_in_flight(srv):
-    # 8 requests fail together on one endpoint: one outage, one step of backoff.
-    from llama_broker.fanout import Fanout
-
-    srv.script(LOADING)
-    cfg = cfg_for(srv.url, max_retries=1, retry_backoff_ms=200)
-    fan = Fanout([{"messages": MSGS}] * 8, concurrency=8, endpoints=None, cfg=cfg, progress=False)
-    with Broker(cfg) as b:
-        eng = b._sync_engine()
-        fan.fill(eng)
-        deadline = time.monotonic() + 10
-        while fan._live and time.monotonic() < deadline:
-            eng.drive(lambda: not fan._live, max_wait=0.1)
-        assert not fan._live
-        ep = fan.eps[0]
-        assert ep.fails == 1, ep.fails
-        assert ep.rest_until - time.monotonic() <= 0.3 + 0.05
-        fan._cut_all(eng)
-
-
-# ============================================================ TLS (item 15) ====
+# ================================================================== TLS ====
 def test_tls_verification_failure_is_not_retried_and_says_how_to_fix(tls_server, caplog):  # noqa: F811
     url, _, _ = tls_server
     caplog.set_level(logging.INFO, logger="llama_broker")
@@ -391,7 +371,7 @@ def test_missing_ca_bundle_is_a_config_error(tmp_path):
     assert ModelConfig("https://127.0.0.1:1", ca_bundle=pem).ca_bundle == str(pem)  # a Path is fine
 
 
-# ========================================== 429, Retry-After, headers (item 18) ====
+# ============================================== 429, Retry-After, headers ====
 def test_429_is_retried(srv):
     srv.script(api_error(429, "slow down", "rate_limit_error"), ok(["fine"]))
     got, res = run(cfg_for(srv.url))
