@@ -247,14 +247,14 @@ class Fanout:
                 self._requeue.remove(item)
                 self._start(engine, item, ep)
         while len(self._live) + len(self._requeue) < self.concurrency:
-            item = self._next_item()
-            if item is None:
+            new = self._next_item()
+            if new is None:
                 return
-            ep = self._pick(now, item)
+            ep = self._pick(now, new)
             if ep is None:  # pragma: no cover - a new request may always go
-                self._requeue.append(item)
+                self._requeue.append(new)
                 continue
-            self._start(engine, item, ep)
+            self._start(engine, new, ep)
 
     def _start(self, engine: Engine, item: _Item, ep: _Endpoint) -> None:
         cfg = ep.cfg
