@@ -76,17 +76,18 @@ def translate_curl_error(
     """The :class:`TransportError` for a libcurl error code (never carries the key)."""
     where = f"{phase} {url}: curl error {code}: {text} ({nbytes} bytes received)"
     if code in _TLS_VERIFY_CODES:
-        what = (
-            "the CA bundle could not be used"
-            if code == 77
-            else "the server's TLS certificate failed verification"
-        )
-        return TLSVerifyError(
-            f"{what} ({where}); if the server uses a private or self-signed CA, trust it with "
-            "ModelConfig(ca_bundle='/path/to/ca.pem') (a PEM file of the CA's certificate)",
-            curl_code=code,
-            bytes_received=nbytes,
-        )
+        if code == 77:
+            msg = (
+                f"the CA bundle could not be used ({where}); ModelConfig(ca_bundle=...) must be "
+                "a readable PEM file of CA certificates"
+            )
+        else:
+            msg = (
+                f"the server's TLS certificate failed verification ({where}); if the server uses a "
+                "private or self-signed CA, trust it with ModelConfig(ca_bundle='/path/to/ca.pem') "
+                "(a PEM file of the CA's certificate)"
+            )
+        return TLSVerifyError(msg, curl_code=code, bytes_received=nbytes)
     if code in _CONNECT_CODES:
         return ConnectError(f"could not connect to {where}", curl_code=code, bytes_received=nbytes)
     if code == pycurl.E_OPERATION_TIMEDOUT:
