@@ -17,6 +17,7 @@ from .errors import (
     ConnectError,
     ProtocolError,
     TimeoutError_,
+    TLSVerifyError,
     TransportError,
 )
 from .native import ChatReply, ToolCall, chat_completion
@@ -48,6 +49,7 @@ __all__ = [
     "ProtocolError",
     "StreamResult",
     "TimeoutError_",
+    "TLSVerifyError",
     "TransportError",
     "chat",
     "chat_stream",

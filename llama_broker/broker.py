@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import threading
 import time
 import weakref
@@ -30,7 +29,12 @@ from .decoder import Delta, StreamDecoder, StreamResult
 from .errors import APIError, BrokerError, ConfigError, ConnectError, ProtocolError, TimeoutError_, TransportError
 from .engine import AsyncEngine, SyncEngine, Transfer
 from .fanout import Fanout, MapResult
-from .transport import _RESET_CODES, Call
+from .policy import Messages, validate_messages
+from .policy import backoff_s as _backoff_s  # noqa: F401 - kept importable from here
+from .policy import encode_chat_body as _encode_body
+from .policy import retriable as _retriable  # noqa: F401 - kept importable from here
+from .policy import retry_delay as _retry_delay
+from .transport import Call
 
 __all__ = [
     "AsyncDeltaStream",
@@ -46,82 +50,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("llama_broker")
-
-Messages = Sequence[Mapping[str, Any]]
-
-
-def validate_messages(messages: Any) -> None:
-    """Raise :class:`ConfigError` naming the first bad item of ``messages``."""
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ConfigError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
-    if not messages:
-        raise ConfigError("messages is empty")
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping):
-            raise ConfigError(f"messages[{i}] must be a dict, got {type(m).__name__}")
-        role = m.get("role")
-        if not isinstance(role, str) or not role:
-            raise ConfigError(f"messages[{i}]['role'] must be a non-empty string, got {role!r}")
-        if "content" not in m and not m.get("tool_calls"):
-            raise ConfigError(f"messages[{i}] has no 'content'")
-        content = m.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise ConfigError(
-                f"messages[{i}]['content'] must be a string or a list of parts, got {type(content).__name__}"
-            )
-
-
-def _encode_body(cfg: ModelConfig, messages: Messages, params: Mapping[str, Any]) -> bytes:
-    if "stream" in params:
-        raise ConfigError("'stream' cannot be passed: llama_broker always streams")
-    validate_messages(messages)
-    body = cfg.body(list(messages), params)
-    try:
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
-    except (TypeError, ValueError, UnicodeEncodeError) as e:
-        for k, v in body.items():  # name the field that cannot be encoded
-            try:
-                json.dumps(v, ensure_ascii=False, allow_nan=False).encode("utf-8")
-            except (TypeError, ValueError, UnicodeEncodeError):
-                raise ConfigError(f"request field {k!r} cannot be sent as JSON: {e}") from e
-        raise ConfigError(f"the request cannot be sent as JSON: {e}") from e
-
-
-def _retriable(err: BaseException, delivered: bool) -> bool:
-    """Safe to send again: nothing reached the caller, and the server did no work
-    we would repeat (refused connection, reset before a byte, 503 loading)."""
-    if delivered:
-        return False
-    if isinstance(err, ConnectError):
-        return True
-    if isinstance(err, APIError):
-        return err.status == 503
-    if isinstance(err, TimeoutError_):
-        return False
-    if isinstance(err, TransportError):
-        return err.bytes_received == 0 and err.curl_code in _RESET_CODES
-    return False
-
-
-def _backoff_s(cfg: ModelConfig, attempt: int) -> float:
-    """Exponential backoff with jitter (attempt 1 is the first retry)."""
-    return cfg.retry_backoff_ms / 1000.0 * (2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
-
-
-def _retry_delay(
-    cfg: ModelConfig, err: BaseException, delivered: bool, attempt: int, deadline: float
-) -> Optional[float]:
-    """The one retry policy of every path: seconds to wait before attempt
-    ``attempt + 1`` (logged), or None when ``err`` is final (not retriable,
-    out of retries, or the wait would pass the request's deadline)."""
-    if attempt >= cfg.max_retries or not _retriable(err, delivered):
-        return None
-    delay = _backoff_s(cfg, attempt + 1)
-    if time.monotonic() + delay >= deadline:
-        return None
-    log.warning("retry %d/%d in %.2fs after: %s", attempt + 1, cfg.max_retries, delay, err)
-    return delay
-
 
 class Broker:
     """A long-lived client: pooled easy handles, keep-alive, a default config.
@@ -332,8 +260,10 @@ class Broker:
         base URLs or ModelConfigs (default: this Broker's config). Yields a
         :class:`MapResult` per request as it completes (``.index`` is its
         position), going on past failures (``.error``). A request that fails
-        before any output on a refused connection, an early reset or a 503 is
-        sent to another endpoint and that endpoint is rested with backoff.
+        before any output on a refused connection, an early reset, a 429 or a
+        503 is sent to another endpoint and that endpoint is rested with a
+        capped backoff (or the server's Retry-After); when every endpoint
+        rests, each request waits its own backoff, as ``chat()`` would.
         A progress line is shown on a terminal's stderr unless ``progress``
         is False. One thread, no threads spawned.
         """

@@ -22,6 +22,20 @@ def _positive_int(name: str, value: object, *, allow_none: bool = False) -> None
         raise ConfigError(f"ModelConfig.{name} must be a positive int, got {value!r}")
 
 
+def _check_ca_bundle(cfg: "ModelConfig") -> None:
+    """``ca_bundle`` must name a readable file (a path object is kept as its str)."""
+    bundle = cfg.ca_bundle
+    if isinstance(bundle, os.PathLike):
+        bundle = os.fspath(bundle)
+        object.__setattr__(cfg, "ca_bundle", bundle)
+    if not isinstance(bundle, str) or not bundle:
+        raise ConfigError(f"ModelConfig.ca_bundle must be the path of a PEM file, got {bundle!r}")
+    if not os.path.isfile(bundle):
+        raise ConfigError(f"ModelConfig.ca_bundle: no such file: {bundle!r} (give the path of the CA's PEM certificate)")
+    if not os.access(bundle, os.R_OK):
+        raise ConfigError(f"ModelConfig.ca_bundle: the file {bundle!r} cannot be read")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """One model behind one OpenAI-compatible server (frozen; share it freely).
@@ -42,8 +56,15 @@ class ModelConfig:
 
     ``strict`` turns an undecodable payload into a ``ProtocolError`` instead of
     skipping and counting it. ``max_retries`` (connect refused, reset before
-    the first byte, HTTP 503) retries with backoff within ``timeout_ms``; a
-    request that delivered output is never retried.
+    the first byte, HTTP 429 and 503) retries within ``timeout_ms``, after the
+    server's ``Retry-After`` or else a capped exponential backoff from
+    ``retry_backoff_ms``, with jitter; a request that delivered output is
+    never retried.
+
+    ``verify`` checks the server's TLS certificate (a failure raises
+    :class:`~llama_broker.errors.TLSVerifyError`, never retried); ``ca_bundle``
+    is the path of a PEM file of CA certificates to trust instead of the
+    system's, checked to exist here.
 
     ``params`` are extra body fields sent with every request (``top_k``,
     ``min_p``, ``n_probs``, ``cache_prompt``, ``id_slot``, ``json_schema``,
@@ -93,6 +114,8 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig.max_retries must be an int >= 0, got {self.max_retries!r}")
         if not self.verify and self.ca_bundle:
             raise ConfigError("ModelConfig: ca_bundle given but verify=False")
+        if self.ca_bundle is not None:
+            _check_ca_bundle(self)
         if not self.verify:
             warnings.warn(
                 "ModelConfig(verify=False): TLS certificates are not checked, so anyone on the "

@@ -11,7 +11,7 @@ handle. Two engines drive them, sharing the bookkeeping in :class:`Engine`:
   is entered only when a socket is ready or a timer fires. No threads, no
   polling.
 
-Retries follow the same rule as the blocking path (``broker._retriable``): a
+Retries follow the same rule as the blocking path (``policy.retry_delay``): a
 transfer that delivered output is never sent again.
 """
 
@@ -26,6 +26,7 @@ import pycurl
 from .config import ModelConfig
 from .decoder import StreamDecoder, StreamResult
 from .errors import BrokerError, TimeoutError_, TransportError
+from .policy import retry_delay
 from .transport import Call
 
 __all__ = ["Transfer", "Engine", "SyncEngine", "AsyncEngine"]
@@ -220,9 +221,7 @@ class Engine:
             raise outcome  # KeyboardInterrupt from a callback: stop now
 
     def _maybe_retry(self, t: Transfer, err: BrokerError) -> bool:
-        from .broker import _retry_delay  # one retry policy for every path
-
-        delay = _retry_delay(t.cfg, err, t.delivered, t.attempt, t.deadline) if t.retry else None
+        delay = retry_delay(t.cfg, err, t.delivered, t.attempt, t.deadline) if t.retry else None
         if delay is None:
             return False
         t.attempt += 1

@@ -4,10 +4,25 @@
 the :class:`~llama_broker.engine.SyncEngine`) and ``Broker.amap`` (asyncio,
 on the :class:`~llama_broker.engine.AsyncEngine`). Requests go to the
 endpoint with the fewest outstanding requests; an endpoint that refuses the
-connection, resets before the first byte or answers 503 is rested with
-exponential backoff and the request goes back to the front of the queue, to
-be sent elsewhere — unless it already streamed output, which is never sent
-twice. Other failures end that request only: its result carries the error.
+connection, resets before the first byte or answers 429/503 is rested and the
+request is sent again elsewhere — unless it already streamed output, which is
+never sent twice. Other failures end that request only: its result carries
+the error.
+
+Resting and retrying follow the blocking path's policy (``policy.py``), so
+``map()`` behaves like ``concurrency`` workers each calling ``chat()``:
+
+* A request waiting for its retry keeps its slot. It goes at once to an
+  endpoint that is not resting; when every endpoint rests it waits for its
+  own backoff (or the server's ``Retry-After``), then goes to the endpoint
+  whose rest ends first. It fails with its last error when its attempts
+  (one per endpoint plus ``max_retries``) are spent, or when its next chance
+  would come after its deadline (``timeout_ms`` from its first attempt).
+* An endpoint's rest is the server's ``Retry-After``, else the capped,
+  jittered backoff of its consecutive failures — counting one failure per
+  probe: requests that were already in flight when it failed do not lengthen
+  the rest. An answer ends the rest, and the requests waiting to go back to
+  that endpoint go at once (a loading server is used as soon as it answers).
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ from .config import ModelConfig
 from .decoder import StreamDecoder, StreamResult
 from .engine import AsyncEngine, Engine, SyncEngine, Transfer
 from .errors import BrokerError, ConfigError
+from .policy import backoff_s, encode_chat_body, retriable, retry_after_s
 
 __all__ = ["MapResult", "Fanout"]
 
@@ -55,24 +71,41 @@ class MapResult(StreamResult):
 
 
 class _Endpoint:
-    __slots__ = ("cfg", "outstanding", "rest_until", "fails", "order")
+    __slots__ = ("cfg", "outstanding", "rest_until", "fails", "order", "failed_at")
 
     def __init__(self, cfg: ModelConfig, order: int) -> None:
         self.cfg = cfg
         self.outstanding = 0
         self.rest_until = 0.0
-        self.fails = 0
+        self.fails = 0  # consecutive failed probes
         self.order = order
+        self.failed_at = float("-inf")  # when the last counted failure came
+
+    def rest(self, started: float, now: float, asked: Optional[float]) -> None:
+        """Rest after a failure of a request started at ``started``."""
+        if started < self.failed_at:
+            # It was in flight when this endpoint last failed: the same outage,
+            # already counted. Only a longer Retry-After extends the rest.
+            if asked is not None and asked > 0:
+                self.rest_until = max(self.rest_until, now + asked)
+            return
+        self.fails += 1
+        self.failed_at = now
+        self.rest_until = now + (asked if asked is not None and asked > 0 else backoff_s(self.cfg, self.fails))
 
 
 class _Item:
-    __slots__ = ("index", "messages", "params", "attempts")
+    __slots__ = ("index", "messages", "params", "attempts", "retry_at", "deadline", "error", "last_ep")
 
     def __init__(self, index: int, messages: Any, params: Mapping[str, Any]) -> None:
         self.index = index
         self.messages = messages
         self.params = params
         self.attempts = 0
+        self.retry_at = 0.0  # its own backoff: before it, only to another endpoint that is not resting
+        self.deadline = float("inf")  # timeout_ms from its first attempt
+        self.error: Optional[BaseException] = None  # the last error, while it waits
+        self.last_ep: Optional[_Endpoint] = None  # where it failed last
 
 
 class _Progress:
@@ -158,8 +191,6 @@ class Fanout:
 
     # -- scheduling ------------------------------------------------------------------
     def _next_item(self) -> Optional[_Item]:
-        if self._requeue:
-            return self._requeue.popleft()
         while not self._exhausted:
             try:
                 req = next(self._iter)
@@ -175,39 +206,61 @@ class Fanout:
             return _Item(index, req["messages"], params)
         return None
 
-    def _pick(self, now: float) -> Optional[_Endpoint]:
+    def _pick(self, now: float, item: _Item) -> Optional[_Endpoint]:
+        """The endpoint for ``item`` now, or None while it must wait."""
         best = None
         n = len(self.eps)
+        waiting = now < item.retry_at  # not back to where it just failed before its backoff
         for k in range(n):  # least outstanding; ties go round-robin
             ep = self.eps[(self._rr + k) % n]
-            if ep.rest_until > now:
+            if ep.rest_until > now or (waiting and ep is item.last_ep):
                 continue
             if best is None or ep.outstanding < best.outstanding:
                 best = ep
-        if best is not None:
-            self._rr = (best.order + 1) % n
+        if best is None:  # every endpoint rests: the request's own backoff decides
+            if waiting:
+                return None
+            best = min(self.eps, key=lambda e: (e.rest_until, e.outstanding, e.order))
+        self._rr = (best.order + 1) % n
         return best
 
+    def _earliest_start(self, item: _Item, now: float) -> float:
+        """When ``item`` may go next (see :meth:`_pick`)."""
+        t = item.retry_at
+        for ep in self.eps:
+            if ep is not item.last_ep and ep.rest_until < t:
+                t = ep.rest_until
+        return max(t, now)
+
     def fill(self, engine: Engine) -> None:
-        """Start requests until ``concurrency`` are in flight (or none can start)."""
+        """Start due retries, then new requests while fewer than ``concurrency``
+        are in flight or waiting for their retry."""
         now = time.monotonic()
-        while len(self._live) < self.concurrency:
-            item = self._next_item()
-            if item is None:
+        for item in list(self._requeue):
+            if now >= item.deadline:  # its deadline came while it waited
+                self._requeue.remove(item)
+                ep_url = item.last_ep.cfg.base_url if item.last_ep is not None else None
+                self._emit(MapResult(index=item.index, error=item.error, endpoint=ep_url, retries=item.attempts - 1))
+                continue
+            ep = self._pick(now, item)
+            if ep is not None:
+                self._requeue.remove(item)
+                self._start(engine, item, ep)
+        while len(self._live) + len(self._requeue) < self.concurrency:
+            new = self._next_item()
+            if new is None:
                 return
-            ep = self._pick(now)
-            if ep is None:  # every endpoint is resting
-                self._requeue.appendleft(item)
-                return
-            self._start(engine, item, ep)
+            ep = self._pick(now, new)
+            if ep is None:  # pragma: no cover - a new request may always go
+                self._requeue.append(new)
+                continue
+            self._start(engine, new, ep)
 
     def _start(self, engine: Engine, item: _Item, ep: _Endpoint) -> None:
-        from .broker import _encode_body
-
         cfg = ep.cfg
         parts: List[str] = []
         try:
-            body = _encode_body(cfg, item.messages, item.params)
+            body = encode_chat_body(cfg, item.messages, item.params)
         except ConfigError as err:
             self._emit(MapResult(index=item.index, error=err, endpoint=cfg.base_url))
             return
@@ -216,7 +269,11 @@ class Fanout:
             del parts[:]
             return StreamDecoder(parts.append, strict=cfg.strict, t0=t0, max_event_bytes=cfg.max_event_bytes)
 
-        t = Transfer(cfg, body, make_decoder, on_done=self._on_done, retry=False, tag=(item, ep, parts))
+        now = time.monotonic()
+        if item.attempts == 0:
+            item.deadline = now + cfg.timeout_ms / 1000.0
+        t = Transfer(cfg, body, make_decoder, on_done=self._on_done, retry=False, tag=(item, ep, parts, now))
+        t.deadline = min(t.deadline, item.deadline)  # timeout_ms bounds the request, retries included
         item.attempts += 1
         ep.outstanding += 1
         self._live.add(t)
@@ -228,22 +285,35 @@ class Fanout:
             self._emit(MapResult(index=item.index, error=err, endpoint=cfg.base_url))
 
     def _on_done(self, t: Transfer) -> None:
-        from .broker import _backoff_s, _retriable
-
-        item, ep, parts = t.tag
+        item, ep, parts, started = t.tag
         self._live.discard(t)
         ep.outstanding -= 1
         err = t.error
         if err is None:
             ep.fails = 0
-        elif isinstance(err, BrokerError) and _retriable(err, t.delivered) and item.attempts < self._max_attempts:
-            ep.fails += 1
-            delay = _backoff_s(ep.cfg, ep.fails)
-            ep.rest_until = time.monotonic() + delay
-            log.warning("map: request %d failed on %s (%s); endpoint rested %.2fs, request requeued", item.index, ep.cfg.base_url, err, delay)
-            self._requeue.appendleft(item)
-            self._wake()
-            return
+            ep.rest_until = 0.0  # it answers again: so may the requests waiting for it
+            for waiting in self._requeue:
+                if waiting.last_ep is ep:
+                    waiting.retry_at = 0.0
+        elif isinstance(err, BrokerError) and retriable(err, t.delivered) and item.attempts < self._max_attempts:
+            now = time.monotonic()
+            asked = retry_after_s(err)
+            ep.rest(started, now, asked)
+            wait = asked if asked is not None and asked > 0 else backoff_s(ep.cfg, item.attempts)
+            item.retry_at = now + wait
+            if self._earliest_start(item, now) < item.deadline:
+                item.error, item.last_ep = err, ep
+                log.warning(
+                    "map: request %d failed on %s (%s); endpoint rested %.2fs, request requeued",
+                    item.index,
+                    ep.cfg.base_url,
+                    err,
+                    max(0.0, ep.rest_until - now),
+                )
+                self._requeue.append(item)
+                self._wake()
+                return
+            # its next chance would come after its deadline: it ends with this error
         res = t.result if t.result is not None else (t.decoder.result if t.decoder is not None else StreamResult())
         fields = {name: getattr(res, name) for name in _RESULT_FIELDS}
         fields["retries"] = item.attempts - 1
@@ -267,11 +337,12 @@ class Fanout:
         return self._exhausted and not self._requeue and not self._live and not self._ready
 
     def _wait_hint(self) -> float:
-        """Seconds until a rested endpoint may take queued work (1.0 if nothing waits)."""
+        """Seconds until a waiting request may go (or reaches its deadline); 1.0 if none waits."""
         if not self._requeue:
             return 1.0
         now = time.monotonic()
-        return max(0.0, min(1.0, min(ep.rest_until for ep in self.eps) - now))
+        soonest = min(min(self._earliest_start(item, now), item.deadline) for item in self._requeue)
+        return max(0.0, min(1.0, soonest - now))
 
     def _cut_all(self, engine: Engine) -> None:
         for t in list(self._live):

@@ -39,8 +39,16 @@ is pulled from libcurl on demand (no threads); ``close()`` or leaving the
 ``create(stream=True)`` returns once the response status is known, so an
 HTTP error is raised there, as by the SDK.
 
+Retries follow the SDK's rules, with the same ``max_retries`` (default 2):
+408, 409, 429 and 5xx answers, timeouts and connection errors are sent again;
+an ``x-should-retry`` header decides when present; the wait is the server's
+``retry-after-ms``/``Retry-After`` when 0 < value <= 120 s, else 0.5 s * 2**n
+capped at 8 s, less up to 25 % jitter. A stream is retried only until
+``create()`` returns (nothing reached the caller yet), as the SDK does; a TLS
+certificate that failed verification is never retried.
+
 Errors keep the SDK's names and attributes (``status_code``, ``code``,
-``type``, ``body``, ``message``) and are also llama_broker's own:
+``type``, ``body``, ``message``, ``response.headers``) and are also llama_broker's own:
 :class:`APIStatusError` and its subclasses are ``llama_broker.APIError``,
 :class:`APIConnectionError` is ``llama_broker.TransportError``,
 :class:`APITimeoutError` is ``llama_broker.TimeoutError_``,
@@ -62,9 +70,11 @@ import copy as _copy
 import json
 import os
 import threading
+import time
 from dataclasses import replace
 from typing import (
     Any,
+    Awaitable,
     Callable,
     ClassVar,
     Dict,
@@ -81,7 +91,7 @@ from urllib.parse import urlencode
 from . import errors as _e
 from .broker import Broker
 from .config import ModelConfig
-from .errors import BrokerError
+from .errors import BrokerError, Headers
 from .native import (
     AsyncEventStream,
     ChatAccumulator,
@@ -93,6 +103,7 @@ from .native import (
     aperform,
     encode_body,
 )
+from .policy import sdk_retry_delay
 
 __all__ = [
     "OpenAI",
@@ -174,6 +185,7 @@ def _given(v: Any) -> bool:
 # =============================================================================
 
 _M = TypeVar("_M", bound="BaseModel")
+_T = TypeVar("_T")
 
 
 class BaseModel:
@@ -542,15 +554,18 @@ class _Request:
 
 
 class _Response:
-    """The error response's status, request and body (the SDK gives an httpx response)."""
+    """The error response's status, request, body and headers (the SDK gives an
+    httpx response); ``headers`` is case-insensitive, as httpx's."""
 
     __slots__ = ("status_code", "request", "text", "headers")
 
-    def __init__(self, status_code: int, request: Optional[_Request], text: str) -> None:
+    def __init__(
+        self, status_code: int, request: Optional[_Request], text: str, headers: Optional[Headers] = None
+    ) -> None:
         self.status_code = status_code
         self.request = request
         self.text = text
-        self.headers: Dict[str, str] = {}
+        self.headers: Headers = headers if headers is not None else Headers()
 
     def json(self) -> Any:
         return json.loads(self.text)
@@ -728,6 +743,8 @@ def _convert(err: BaseException, request: Optional[_Request]) -> BaseException:
         body = _error_body(err.body)
         if body is None and (err.type or err.code is not None):
             body = {"message": err.message, "type": err.type, "code": err.code}
+        elif body is None and err.status is not None:
+            body = ""  # the SDK's body for an empty error response is its (empty) text
         if err.status is None:
             out = APIStreamError(err.message, request, body=body if body is not None else err.message)
         else:
@@ -736,7 +753,7 @@ def _convert(err: BaseException, request: Optional[_Request]) -> BaseException:
             msg = f"Error code: {status}" + (f" - {err.message}" if err.message else "")
             out = cls(
                 msg,
-                response=_Response(status, request, err.body or ""),
+                response=_Response(status, request, err.body or "", err.headers),
                 body=body,
                 server_message=err.message,
                 raw=err.body,
@@ -836,6 +853,8 @@ class _Options:
             max_retries=max_retries,
             headers=headers,
         )
+        self._cfg_src: Optional[ModelConfig] = None
+        self._cfg_once = self.cfg
 
     def url(self, path: str, extra_query: Optional[Mapping[str, Any]] = None) -> str:
         q = dict(self.default_query)
@@ -845,7 +864,12 @@ class _Options:
         return f"{url}?{urlencode(q, doseq=True)}" if q else url
 
     def request_cfg(self, extra_headers: Any, timeout: Any) -> ModelConfig:
+        # Each attempt goes out once (max_retries 0): the SDK's retry loop
+        # (_retrying) decides what is sent again, not the Broker's rule.
         cfg = self.cfg
+        if cfg is not self._cfg_src:
+            self._cfg_src, self._cfg_once = cfg, replace(cfg, max_retries=0)
+        cfg = self._cfg_once
         if extra_headers and _given(extra_headers):
             headers = _SecretHeaders(cfg.headers)
             for k, v in extra_headers.items():
@@ -950,34 +974,56 @@ class _Engine:
                 self._brokers.append(b)
         return b
 
+    def _retrying(self, request: _Request, attempt: Callable[[], _T]) -> _T:
+        """``attempt()`` under the SDK's retry rules; a final error is raised SDK-named."""
+        retries = self.opts.max_retries
+        taken = 0
+        while True:
+            try:
+                return attempt()
+            except BrokerError as err:
+                delay = sdk_retry_delay(err, taken, retries)
+                if delay is None:
+                    raise _convert(err, request) from err
+            time.sleep(delay)
+            taken += 1
+
     def create(self, kind: str, fixed: Dict[str, Any], stream: bool, kwargs: Dict[str, Any]) -> Any:
         p = _prepare(self.opts, kind, fixed, stream, kwargs)
-        try:
-            if stream:
+        if stream:
+
+            def open_stream() -> EventStream:
                 s = EventStream(self.broker, p.cfg, p.data, lambda push, t0: p.decoder(push)(t0), url=p.url)
                 try:
                     s.wait_started()  # an HTTP error is raised by create(), as by the SDK
                 except BaseException:
                     s.close()
                     raise
-                return Stream(s, p.chunk_type, p.request)
+                return s
+
+            return Stream(self._retrying(p.request, open_stream), p.chunk_type, p.request)
+
+        def whole() -> BaseModel:
+            # The reply is assembled before the caller sees any of it, so (as
+            # with the SDK) even a connection broken mid-body may be retried.
             acc = p.accumulator()
             res = _perform(self.broker, p.cfg, p.data, p.decoder(acc.add), url=p.url)
-        except BrokerError as err:
-            raise _convert(err, p.request) from err
-        return p.whole(acc, res)
+            return p.whole(acc, res)
+
+        return self._retrying(p.request, whole)
 
     def get_json(self, path: str, kwargs: Dict[str, Any]) -> Any:
         _, extra_headers, extra_query, timeout = _split(dict(kwargs))
         cfg = self.opts.request_cfg(extra_headers, timeout)
         url = self.opts.url(path, extra_query)
         request = _Request("GET", url)
-        dec = _JSONBody()
-        try:
+
+        def get() -> Any:
+            dec = _JSONBody()
             _perform(self.broker, cfg, None, lambda t0: dec, url=url, method="GET", streaming=False)
-        except BrokerError as err:
-            raise _convert(err, request) from err
-        return dec.value
+            return dec.value
+
+        return self._retrying(request, get)
 
     def models(self, kwargs: Dict[str, Any]) -> SyncPage:
         body = self.get_json("/models", kwargs)
@@ -1329,22 +1375,41 @@ class AsyncOpenAI:
     organization = OpenAI.organization
     project = OpenAI.project
 
+    async def _retrying(self, request: _Request, attempt: Callable[[], Awaitable[_T]]) -> _T:
+        """``await attempt()`` under the SDK's retry rules (see ``_Engine._retrying``)."""
+        retries = self._opts.max_retries
+        taken = 0
+        while True:
+            try:
+                return await attempt()
+            except BrokerError as err:
+                delay = sdk_retry_delay(err, taken, retries)
+                if delay is None:
+                    raise _convert(err, request) from err
+            await asyncio.sleep(delay)
+            taken += 1
+
     async def _create(self, kind: str, fixed: Dict[str, Any], stream: bool, kwargs: Dict[str, Any]) -> Any:
         p = _prepare(self._opts, kind, fixed, stream, kwargs)
-        try:
-            if stream:
+        if stream:
+
+            async def open_stream() -> AsyncEventStream:
                 s = AsyncEventStream(self._broker, p.cfg, p.data, lambda push, t0: p.decoder(push)(t0), url=p.url)
                 try:
                     await s.wait_started()  # an HTTP error is raised by create(), as by the SDK
                 except BaseException:
                     await s.aclose()
                     raise
-                return AsyncStream(s, p.chunk_type, p.request)
+                return s
+
+            return AsyncStream(await self._retrying(p.request, open_stream), p.chunk_type, p.request)
+
+        async def whole() -> BaseModel:
             acc = p.accumulator()
             res = await aperform(self._broker, p.cfg, p.data, p.decoder(acc.add), url=p.url)
-        except BrokerError as err:
-            raise _convert(err, p.request) from err
-        return p.whole(acc, res)
+            return p.whole(acc, res)
+
+        return await self._retrying(p.request, whole)
 
     def with_options(self, **kw: Any) -> "AsyncOpenAI":
         return OpenAI.with_options(self, **kw)  # type: ignore[arg-type,return-value]

@@ -21,10 +21,10 @@ import pycurl
 
 from .config import ModelConfig
 from .decoder import StreamDecoder, api_error_from_body
-from .errors import APIError, BrokerError, ConnectError, ProtocolError, TimeoutError_, TransportError
+from .errors import APIError, BrokerError, ConnectError, Headers, ProtocolError, TimeoutError_, TLSVerifyError, TransportError
 from .sse import EventSplitter
 
-__all__ = ["Call", "translate_curl_error"]
+__all__ = ["Call", "RESET_CODES", "translate_curl_error"]
 
 # curl's receive buffer: bigger means fewer write callbacks on a bulk stream.
 _BUFFER_SIZE = 256 * 1024
@@ -34,12 +34,14 @@ _CONNECT_CODES = {
     pycurl.E_COULDNT_RESOLVE_HOST,
     pycurl.E_COULDNT_RESOLVE_PROXY,
     pycurl.E_SSL_CONNECT_ERROR,
-    getattr(pycurl, "E_PEER_FAILED_VERIFICATION", 60),
-    getattr(pycurl, "E_SSL_CACERT", 60),
 }
+# TLS refused on our side: the peer's certificate failed verification (60; also
+# the old 51 and the issuer/pinning/status checks) or the CA bundle is unusable
+# (77). Sending again cannot change the answer: never retried.
+_TLS_VERIFY_CODES = {51, 60, 77, 83, 90, 91}
 # The peer closed or reset the connection; before any byte arrived such a
 # request never reached the model and is safe to retry.
-_RESET_CODES = {
+RESET_CODES = _RESET_CODES = {
     pycurl.E_GOT_NOTHING,
     pycurl.E_RECV_ERROR,
     pycurl.E_SEND_ERROR,
@@ -73,6 +75,19 @@ def translate_curl_error(
 ) -> TransportError:
     """The :class:`TransportError` for a libcurl error code (never carries the key)."""
     where = f"{phase} {url}: curl error {code}: {text} ({nbytes} bytes received)"
+    if code in _TLS_VERIFY_CODES:
+        if code == 77:
+            msg = (
+                f"the CA bundle could not be used ({where}); ModelConfig(ca_bundle=...) must be "
+                "a readable PEM file of CA certificates"
+            )
+        else:
+            msg = (
+                f"the server's TLS certificate failed verification ({where}); if the server uses a "
+                "private or self-signed CA, trust it with ModelConfig(ca_bundle='/path/to/ca.pem') "
+                "(a PEM file of the CA's certificate)"
+            )
+        return TLSVerifyError(msg, curl_code=code, bytes_received=nbytes)
     if code in _CONNECT_CODES:
         return ConnectError(f"could not connect to {where}", curl_code=code, bytes_received=nbytes)
     if code == pycurl.E_OPERATION_TIMEDOUT:
@@ -131,6 +146,7 @@ class Call:
         self.body_truncated = False
         self.content_type = ""
         self.location: Optional[str] = None
+        self.header_lines: List[bytes] = []  # the last response's, for an error's headers
         self.streaming = streaming
         self.method = method
         self.idle_s = None if cfg.idle_timeout_ms is None else cfg.idle_timeout_ms / 1000.0
@@ -262,10 +278,12 @@ class Call:
                 self.status = None
             self.content_type = ""
             self.location = None
+            self.header_lines = []
             return
         name, sep, value = line.partition(b":")
         if not sep:
             return
+        self.header_lines.append(line)
         name = name.strip().lower()
         if name == b"content-type":
             self.content_type = value.strip().decode("latin-1").lower()
@@ -374,7 +392,24 @@ class Call:
                 delivered=self.delivered,
             )
 
+    def _response_headers(self) -> Headers:
+        """The error response's headers (any secret the request carried masked)."""
+        secrets = self._secrets()
+        pairs = []
+        for line in self.header_lines:
+            name, _, value = line.decode("latin-1").partition(":")
+            value = value.strip()
+            for sec in secrets:
+                value = value.replace(sec, "***")
+            pairs.append((name.strip(), value))
+        return Headers(pairs)
+
     def _api_error(self) -> APIError:
+        err = self._api_error_from_body()
+        err.headers = self._response_headers()
+        return err
+
+    def _api_error_from_body(self) -> APIError:
         raw_bytes = b"".join(self.body_parts)
         raw = raw_bytes.decode("utf-8", "replace")
         status = self.status

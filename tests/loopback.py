@@ -191,15 +191,17 @@ def sse(body: Sequence[Item], **kw: Any) -> Reply:
     return Reply(headers=_SSE_HEADERS, body=list(body), **kw)
 
 
-def raw(status: int, body: bytes, content_type: str = "text/plain", **kw: Any) -> Reply:
-    """A plain (Content-Length) response."""
-    return Reply(status=status, headers=(("Content-Type", content_type),), body=[body], chunked=False, **kw)
+def raw(status: int, body: bytes, content_type: str = "text/plain",
+        headers: Sequence[Tuple[str, str]] = (), **kw: Any) -> Reply:
+    """A plain (Content-Length) response; ``headers`` are sent too."""
+    return Reply(status=status, headers=(("Content-Type", content_type),) + tuple(headers), body=[body],
+                 chunked=False, **kw)
 
 
-def api_error(status: int, message: str, type_: str) -> Reply:
-    """llama-server's JSON error response."""
+def api_error(status: int, message: str, type_: str, headers: Sequence[Tuple[str, str]] = ()) -> Reply:
+    """llama-server's JSON error response (``headers``: extra ones, e.g. Retry-After)."""
     body = json.dumps(error_envelope(message, type_, status), separators=(",", ":")).encode()
-    return raw(status, body, "application/json; charset=utf-8")
+    return raw(status, body, "application/json; charset=utf-8", headers)
 
 
 def redirect(location: str, status: int = 302) -> Reply:
@@ -215,7 +217,8 @@ def reset_now() -> Reply:
 # --------------------------------------------------------------- server ----
 _REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 307: "Temporary Redirect",
             308: "Permanent Redirect", 400: "Bad Request", 401: "Unauthorized",
-            404: "Not Found", 500: "Internal Server Error", 503: "Service Unavailable"}
+            404: "Not Found", 408: "Request Timeout", 409: "Conflict", 429: "Too Many Requests",
+            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
 
 
 class _ClientGone(Exception):
