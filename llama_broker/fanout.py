@@ -38,7 +38,8 @@ class MapResult(StreamResult):
     """One request's outcome in ``Broker.map``/``amap``.
 
     ``index`` is its position in the input, ``text`` the reply (the part that
-    arrived, when it failed mid-way), ``error`` ``None`` on success or the
+    arrived, when it failed mid-way; the first choice's, with ``n > 1``),
+    ``error`` ``None`` on success or the
     :class:`BrokerError`, ``endpoint`` the base URL that answered (or failed
     last); the :class:`StreamResult` fields come along.
     """
