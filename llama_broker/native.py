@@ -425,10 +425,14 @@ class ToolCallAssembler:
 
     A fragment is ``{"index", "id"?, "type"?, "function": {"name"?, "arguments"?}}``.
     The first fragment of an index opens the call (id, type, name); later
-    fragments append to ``function.arguments``. A name sent again in full
-    (some servers repeat it) is not doubled; a name sent in pieces is joined.
-    A fragment without ``index`` continues the last call, or opens a new one
-    when it carries a different ``id``.
+    fragments append to ``function.name`` and ``function.arguments``: name
+    pieces are joined (``go`` + ``go`` is ``gogo``). The one exception is a
+    server that re-sends the call's header: a name equal to the whole name so
+    far, in a fragment that repeats the call's ``id`` or comes after its
+    arguments began, is that repeat and not doubled.
+    A fragment without ``index`` goes to the call with its ``id``, opens a new
+    call (after the highest index so far) for an ``id`` not seen yet, and
+    otherwise continues the last call.
     """
 
     __slots__ = ("_calls", "_last")
@@ -443,15 +447,15 @@ class ToolCallAssembler:
                 continue
             idx = frag.get("index")
             fid = frag.get("id")
+            if not isinstance(fid, str) or not fid:
+                fid = None
             if not isinstance(idx, int) or isinstance(idx, bool):
-                if self._last is None or (fid and self._calls[self._last].id not in (None, fid)):
-                    idx = len(self._calls)
-                else:
-                    idx = self._last
+                idx = self._index_for(fid)
             call = self._calls.get(idx)
             if call is None:
                 call = self._calls[idx] = ToolCall(index=idx)
             self._last = idx
+            repeat_header = fid is not None and fid == call.id
             if fid and not call.id:
                 call.id = fid
             ftype = frag.get("type")
@@ -460,13 +464,25 @@ class ToolCallAssembler:
             fn = frag.get("function")
             if fn.__class__ is dict:
                 name = fn.get("name")
-                if isinstance(name, str) and name and name != call.name:
-                    call.name += name
+                if isinstance(name, str) and name:
+                    if not (name == call.name and (repeat_header or call.arguments)):
+                        call.name += name
                 args = fn.get("arguments")
                 if isinstance(args, str):
                     call.arguments += args
                 elif args is not None:  # a server that sends an object
                     call.arguments += json.dumps(args, ensure_ascii=False)
+
+    def _index_for(self, fid: Optional[str]) -> int:
+        """The call an index-less fragment belongs to."""
+        if fid is not None:
+            for k, c in self._calls.items():
+                if c.id == fid:
+                    return k
+        last = self._last
+        if last is None or (fid is not None and self._calls[last].id is not None):
+            return max(self._calls, default=-1) + 1  # a new call
+        return last
 
     @property
     def calls(self) -> List[ToolCall]:

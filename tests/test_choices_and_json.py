@@ -1,10 +1,12 @@
-"""Several choices (``n > 1``) and chunks only the lenient ``json`` module reads.
+"""Several choices (``n > 1``), chunks only the lenient ``json`` module reads,
+and tool-call fragments.
 
 * With ``n > 1`` a server interleaves the choices' chunks, each carrying its
   ``index``: ``chat``/``chat_stream``/``map`` return the first choice's text
   only, ``stream`` yields every choice's deltas with ``Delta.index``.
 * A chunk that orjson refuses but ``json`` reads (a surrogate pair split over
   two chunks, NaN, 1e400) keeps its content (``strict``: ProtocolError).
+* ``ToolCallAssembler`` joins name pieces and keeps calls apart by ``id``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from llama_broker import Broker, Delta, ModelConfig, ProtocolError, chat, chat_s
 from llama_broker import decoder as dec_mod
 from llama_broker._sse import ffi, lib
 from llama_broker.decoder import StreamDecoder
+from llama_broker.native import ToolCallAssembler
 
 from loopback import DONE, LoopbackServer, chunk, data, sse
 
@@ -207,3 +210,36 @@ def test_the_c_fast_path_leaves_lone_surrogates_to_python():
     d = StreamDecoder(lambda s: None)
     d.feed_bytes(b"".join(SPLIT_EMOJI))
     assert d.splitter.fast.n_fast == 0
+
+
+# ------------------------------------------------- tool-call fragments ----
+def _assemble(frags: List[Dict[str, Any]]) -> List[Any]:
+    asm = ToolCallAssembler()
+    for f in frags:
+        asm.add([f])
+    return [(c.index, c.id, c.name, c.arguments) for c in asm.calls]
+
+
+def test_a_name_piece_equal_to_the_name_so_far_is_joined():
+    frags = [
+        {"index": 0, "id": "call_1", "type": "function", "function": {"name": "go"}},
+        {"index": 0, "function": {"name": "go"}},
+        {"index": 0, "function": {"arguments": "{}"}},
+    ]
+    assert _assemble(frags) == [(0, "call_1", "gogo", "{}")]
+    # a server that repeats the whole header (id and name) is still not doubled
+    repeat = [
+        {"index": 0, "id": "call_1", "function": {"name": "go", "arguments": "{"}},
+        {"index": 0, "id": "call_1", "function": {"name": "go", "arguments": "}"}},
+    ]
+    assert _assemble(repeat) == [(0, "call_1", "go", "{}")]
+
+
+def test_an_index_less_fragment_with_a_new_id_opens_a_new_call():
+    frags = [
+        {"index": 0, "id": "a", "function": {"name": "f", "arguments": "{}"}},
+        {"index": 2, "id": "b", "function": {"name": "g", "arguments": "{}"}},
+        {"id": "c", "function": {"name": "h", "arguments": "{"}},
+        {"function": {"arguments": "}"}},
+    ]
+    assert _assemble(frags) == [(0, "a", "f", "{}"), (2, "b", "g", "{}"), (3, "c", "h", "{}")]
