@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Union
 
-from .config import ModelConfig
+from .config import ModelConfig, mask_url
 from .decoder import StreamDecoder, StreamResult
 from .engine import AsyncEngine, Engine, SyncEngine, Transfer
 from .errors import BrokerError, ConfigError
@@ -41,7 +41,8 @@ class MapResult(StreamResult):
     arrived, when it failed mid-way; the first choice's, with ``n > 1``),
     ``error`` ``None`` on success or the
     :class:`BrokerError`, ``endpoint`` the base URL that answered (or failed
-    last); the :class:`StreamResult` fields come along.
+    last; ``user:pass@`` in it masked as ``***@``); the :class:`StreamResult`
+    fields come along.
     """
 
     index: int = -1
@@ -210,7 +211,7 @@ class Fanout:
         try:
             body = _encode_body(cfg, item.messages, item.params)
         except ConfigError as err:
-            self._emit(MapResult(index=item.index, error=err, endpoint=cfg.base_url))
+            self._emit(MapResult(index=item.index, error=err, endpoint=mask_url(cfg.base_url)))
             return
 
         def make_decoder(t0: float) -> StreamDecoder:
@@ -226,7 +227,7 @@ class Fanout:
         except BrokerError as err:
             self._live.discard(t)
             ep.outstanding -= 1
-            self._emit(MapResult(index=item.index, error=err, endpoint=cfg.base_url))
+            self._emit(MapResult(index=item.index, error=err, endpoint=mask_url(cfg.base_url)))
 
     def _on_done(self, t: Transfer) -> None:
         from .broker import _backoff_s, _retriable
@@ -241,14 +242,14 @@ class Fanout:
             ep.fails += 1
             delay = _backoff_s(ep.cfg, ep.fails)
             ep.rest_until = time.monotonic() + delay
-            log.warning("map: request %d failed on %s (%s); endpoint rested %.2fs, request requeued", item.index, ep.cfg.base_url, err, delay)
+            log.warning("map: request %d failed on %s (%s); endpoint rested %.2fs, request requeued", item.index, mask_url(ep.cfg.base_url), err, delay)
             self._requeue.appendleft(item)
             self._wake()
             return
         res = t.result if t.result is not None else (t.decoder.result if t.decoder is not None else StreamResult())
         fields = {name: getattr(res, name) for name in _RESULT_FIELDS}
         fields["retries"] = item.attempts - 1
-        self._emit(MapResult(index=item.index, text="".join(parts), error=err, endpoint=ep.cfg.base_url, **fields))
+        self._emit(MapResult(index=item.index, text="".join(parts), error=err, endpoint=mask_url(ep.cfg.base_url), **fields))
 
     def _emit(self, r: MapResult) -> None:
         self.done += 1

@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import time
 from typing import Any, List, Optional
-from urllib.parse import urlsplit, urlunsplit
 
 import pycurl
 
-from .config import ModelConfig
+from .config import SECRET_HEADERS, ModelConfig, check_header, mask_url
 from .decoder import StreamDecoder, api_error_from_body
-from .errors import APIError, BrokerError, ConnectError, ProtocolError, TimeoutError_, TransportError
+from .errors import APIError, BrokerError, ConfigError, ConnectError, ProtocolError, TimeoutError_, TransportError
 from .sse import EventSplitter
 
 __all__ = ["Call", "translate_curl_error"]
@@ -48,7 +47,7 @@ _RESET_CODES = {
 _HTTP2_STREAM_ERROR = 92
 
 
-_SECRET_HEADERS = {"authorization", "x-api-key", "proxy-authorization", "api-key"}
+_SECRET_HEADERS = SECRET_HEADERS  # (one list: config.SECRET_HEADERS)
 
 
 def _redact(err: BrokerError, secrets: List[str]) -> None:
@@ -85,12 +84,7 @@ def translate_curl_error(
     return TransportError(f"transfer failed: {where}", curl_code=code, bytes_received=nbytes, delivered=delivered)
 
 
-def _safe_url(url: str) -> str:
-    """``url`` without credentials embedded in it (``user:pass@``)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+_safe_url = mask_url  # (one masking helper: config.mask_url)
 
 
 class Call:
@@ -122,6 +116,7 @@ class Call:
         self.splitter = splitter
         self._feed = feed_bytes
         self.url = url or cfg.url
+        self._key: Optional[str] = None
         self.status: Optional[int] = None
         self.mode = 0  # 0: before the first byte; 1: event stream; 2: error body; 3: plain body
         self.nbytes = 0
@@ -153,10 +148,12 @@ class Call:
             headers.append("Expect:")  # no 100-continue round trip for large bodies
         if method != ("POST" if body is not None else "GET"):
             c.setopt(pycurl.CUSTOMREQUEST, method)
+        key = cfg.api_key()  # (raises ConfigError for a key with a line break in it)
         for k, v in cfg.headers.items():
+            check_header(k, v)  # again: a mapping may have changed since ModelConfig checked it
             headers.append(f"{k}: {v}")
-        key = cfg.api_key()
         if key:
+            self._key = key
             headers.append(f"Authorization: Bearer {key}")
         c.setopt(pycurl.HTTPHEADER, headers)
         c.setopt(pycurl.WRITEFUNCTION, self.write)
@@ -313,11 +310,16 @@ class Call:
 
     def _secrets(self) -> List[str]:
         out = []
-        key = self.cfg.api_key()
+        key = self._key
+        if key is None:
+            try:
+                key = self.cfg.api_key()
+            except ConfigError:
+                key = None
         if key:
             out.append(key)
         for k, v in self.cfg.headers.items():
-            if k.lower() in _SECRET_HEADERS:
+            if k.lower() in SECRET_HEADERS:
                 out.append(v)
                 if " " in v:
                     out.append(v.split(" ", 1)[1])  # the token of "Bearer <token>"
@@ -339,7 +341,7 @@ class Call:
         if self.mode == 3:
             if self.body_truncated:
                 raise ProtocolError(
-                    f"non-event-stream body over max_event_bytes ({self.cfg.max_event_bytes}) from {self.url}"
+                    f"non-event-stream body over max_event_bytes ({self.cfg.max_event_bytes}) from {_safe_url(self.url)}"
                 )
             if curl_error is None:
                 self.decoder.feed_whole(b"".join(self.body_parts))
@@ -380,7 +382,8 @@ class Call:
         status = self.status
         if 300 <= (status or 0) < 400:
             return APIError(
-                f"redirect to {self.location or '(no Location)'} not followed (ModelConfig.follow_redirects is off)",
+                f"redirect to {_safe_url(self.location) if self.location else '(no Location)'} not followed "
+                "(ModelConfig.follow_redirects is off)",
                 status=status,
                 body=raw or None,
             )
