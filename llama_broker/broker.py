@@ -244,20 +244,30 @@ class Broker:
         t0 = time.monotonic()
         deadline = t0 + cfg.timeout_ms / 1000.0
         attempt = 0
+        redirects = 0
         while True:
             decoder = make_decoder(t0)
             handle = self._acquire()
             call: Optional[Call] = None
+            next_url: Optional[str] = None
             try:
                 call = Call(
-                    handle, cfg, body, decoder, deadline=deadline, url=url, method=method, streaming=streaming
+                    handle,
+                    cfg,
+                    body,
+                    decoder,
+                    deadline=deadline,
+                    url=url,
+                    method=method,
+                    streaming=streaming,
+                    redirects=redirects,
                 )
                 curl_error: Optional[pycurl.error] = None
                 try:
                     handle.perform()
                 except pycurl.error as e:
                     curl_error = e
-                call.finish(curl_error)
+                next_url = call.finish(curl_error)
             except BrokerError as err:
                 delivered = call.delivered if call is not None else False
                 attempt = self._maybe_retry(cfg, err, delivered, attempt, deadline)
@@ -265,6 +275,9 @@ class Broker:
             finally:
                 handle.reset()  # drop the Call's callbacks; the connection cache stays
                 self._release(handle)
+            if next_url is not None:  # a redirect (follow_redirects): the next hop
+                url, redirects = next_url, redirects + 1
+                continue
             res = decoder.result
             res.retries = attempt
             res.elapsed_s = time.monotonic() - t0

@@ -4,6 +4,9 @@
   (CR/LF/NUL, a name with ``:``): a ``ConfigError`` naming the variable or the
   header, never the value, before any I/O; a key read from a file loses its
   trailing newline.
+* With ``follow_redirects`` no secret header (the key, ``Authorization``,
+  ``X-Api-Key``, ``Api-Key``, ``Proxy-Authorization``) reaches another scheme,
+  host or port; a same-origin redirect keeps them.
 * Reprs, ``map()``'s log lines and ``MapResult.endpoint`` mask them.
 """
 
@@ -14,10 +17,10 @@ from typing import Any, Dict, List
 
 import pytest
 
-from llama_broker import Broker, ConfigError, ModelConfig, chat, stream
+from llama_broker import APIError, Broker, ConfigError, ModelConfig, TransportError, chat, stream
 from llama_broker.openai import OpenAI
 
-from loopback import LoopbackServer, api_error, ok
+from loopback import CHAT_PATH, LoopbackServer, api_error, ok, redirect
 
 MSGS = [{"role": "user", "content": "hi"}]
 KEY_ENV = "LLAMA_BROKER_SECRETS_KEY"
@@ -110,6 +113,67 @@ def test_the_drop_in_refuses_bad_keys_and_headers_before_any_request(srv):
     with pytest.raises(ConfigError):
         client.chat.completions.create(model="m", messages=MSGS, extra_headers={"X-Trace": "a\x00b"})
     assert srv.requests == []
+
+
+# ---------------------------------------------------------- redirects ----
+def _run(api: str, cfg: ModelConfig) -> str:
+    if api == "chat":
+        return chat(cfg, MSGS)
+    with stream(cfg, MSGS) as s:
+        return "".join(d.content or "" for d in s)
+
+
+@pytest.mark.parametrize("api", ["chat", "stream"])
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_cross_origin_redirect_carries_no_secret(srv, monkeypatch, api, status):
+    monkeypatch.setenv(KEY_ENV, KEY)
+    with LoopbackServer() as other:  # another port: another origin
+        srv.script(redirect(other.url + CHAT_PATH, status))
+        other.script(ok(["moved"]))
+        cfg = cfg_for(srv, follow_redirects=True, key_env=KEY_ENV, headers={**HEADER_SECRETS, "X-Trace": "t1"})
+        assert _run(api, cfg) == "moved"
+        (first,) = srv.chat_requests()
+        assert first.headers["x-api-key"] == HEADER_SECRETS["X-Api-Key"]
+        (second,) = other.chat_requests()
+        assert second.method == "POST" and second.json == first.json
+        assert second.headers["x-trace"] == "t1"  # other headers do follow
+        for name in ("authorization", "x-api-key", "api-key", "proxy-authorization"):
+            assert name not in second.headers, name
+        wire = repr(second.raw_headers) + repr(second.path)
+        assert not any(sec in wire for sec in _secret_values())
+
+
+@pytest.mark.parametrize("api", ["chat", "stream"])
+def test_a_same_origin_redirect_keeps_the_secrets(srv, monkeypatch, api):
+    monkeypatch.setenv(KEY_ENV, KEY)
+    srv.script(redirect(CHAT_PATH + "?hop=2", 307), ok(["same"]))
+    cfg = cfg_for(srv, follow_redirects=True, key_env=KEY_ENV, headers={"X-Api-Key": HEADER_SECRETS["X-Api-Key"]})
+    assert _run(api, cfg) == "same"
+    first, second = srv.chat_requests()
+    assert second.path == CHAT_PATH + "?hop=2"
+    for req in (first, second):
+        assert req.headers["authorization"] == f"Bearer {KEY}"
+        assert req.headers["x-api-key"] == HEADER_SECRETS["X-Api-Key"]
+
+
+def test_a_redirect_back_to_the_configured_origin_regains_the_secrets(srv, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, KEY)
+    with LoopbackServer() as other:
+        srv.script(redirect(other.url + CHAT_PATH, 302), ok(["back"]))
+        other.script(redirect(srv.url + CHAT_PATH, 302))
+        assert chat(cfg_for(srv, follow_redirects=True, key_env=KEY_ENV), MSGS) == "back"
+        assert "authorization" not in other.chat_requests()[0].headers
+        assert srv.chat_requests()[1].headers["authorization"] == f"Bearer {KEY}"
+
+
+def test_redirects_are_bounded_and_not_followed_by_default(srv):
+    srv.script(redirect(CHAT_PATH, 302))
+    with pytest.raises(TransportError, match="too many redirects"):
+        chat(cfg_for(srv, follow_redirects=True), MSGS)
+    assert len(srv.chat_requests()) == 6  # the request and 5 redirects
+    with pytest.raises(APIError) as ei:
+        chat(cfg_for(srv), MSGS)
+    assert ei.value.status == 302
 
 
 # ------------------------------------------------------ reprs and logs ----
