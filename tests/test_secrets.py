@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Dict, List
 
@@ -119,11 +120,17 @@ def test_the_drop_in_refuses_bad_keys_and_headers_before_any_request(srv):
 def _run(api: str, cfg: ModelConfig) -> str:
     if api == "chat":
         return chat(cfg, MSGS)
+    if api == "achat":  # the asyncio engine
+        async def main() -> str:
+            with Broker() as b:
+                return await asyncio.wait_for(b.achat(MSGS, cfg=cfg), 20)
+
+        return asyncio.run(main())
     with stream(cfg, MSGS) as s:
         return "".join(d.content or "" for d in s)
 
 
-@pytest.mark.parametrize("api", ["chat", "stream"])
+@pytest.mark.parametrize("api", ["chat", "stream", "achat"])
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 def test_a_cross_origin_redirect_carries_no_secret(srv, monkeypatch, api, status):
     monkeypatch.setenv(KEY_ENV, KEY)
@@ -143,7 +150,7 @@ def test_a_cross_origin_redirect_carries_no_secret(srv, monkeypatch, api, status
         assert not any(sec in wire for sec in _secret_values())
 
 
-@pytest.mark.parametrize("api", ["chat", "stream"])
+@pytest.mark.parametrize("api", ["chat", "stream", "achat"])
 def test_a_same_origin_redirect_keeps_the_secrets(srv, monkeypatch, api):
     monkeypatch.setenv(KEY_ENV, KEY)
     srv.script(redirect(CHAT_PATH + "?hop=2", 307), ok(["same"]))
