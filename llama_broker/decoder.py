@@ -134,7 +134,8 @@ class Delta(NamedTuple):
     tool_calls: Optional[List[Dict[str, Any]]] = None
     finish_reason: Optional[str] = None
     logprobs: Optional[Dict[str, Any]] = None
-    index: int = 0
+    # (a field named like tuple.index() shadows that method, as OpenAI's name wants)
+    index: int = 0  # type: ignore[assignment]
 
 
 @dataclass
