@@ -93,6 +93,79 @@ def _scrub(o: Any) -> Any:
 _TEXT_FIELDS = ("content", "reasoning_content")
 
 
+def join_surrogates(pending: Dict[Any, str], key: Any, s: Optional[str], end: bool) -> Optional[str]:
+    """One text piece of a choice's field (``key``: (index, field)) with the
+    surrogate halves fixed, ``pending`` holding the halves between pieces: a
+    high surrogate held from the previous piece pairs with a low one starting
+    this piece, or becomes U+FFFD; a high surrogate ending this piece is held
+    for the next one (unless the choice ends here, ``end``); any other lone
+    surrogate becomes U+FFFD. Returns the text, ``None`` when nothing is left."""
+    pend = pending.pop(key, None)
+    if pend is not None:
+        if s and "\udc00" <= s[0] <= "\udfff":
+            s = chr(0x10000 + ((ord(pend) - 0xD800) << 10) + (ord(s[0]) - 0xDC00)) + s[1:]
+        elif s or end:
+            s = "\ufffd" + (s or "")
+        else:  # this piece has nothing of that field: keep waiting
+            pending[key] = pend
+            return s
+    if s and not s.isascii():
+        if not end and "\ud800" <= s[-1] <= "\udbff":
+            pending[key] = s[-1]
+            s = s[:-1]
+        s = _LONE_SURROGATE.sub("\ufffd", s)
+    return s or None
+
+
+def lenient_payload(decoder: Any, payload: bytes) -> Any:
+    """A payload the strict loader refused, read by the standard ``json``
+    module (a lone surrogate escape, NaN/Infinity, a number past the double
+    range) with every lone surrogate replaced by U+FFFD, except in the
+    choices' delta texts: those are fixed in place by :func:`fix_chunk_texts`
+    (a pair split over two chunks is rejoined). Returns ``None`` after
+    skipping a payload that is not JSON at all; with ``decoder.strict`` any
+    such payload raises :class:`ProtocolError`."""
+    try:
+        obj = _lenient_loads(payload)
+    except ValueError:
+        skip_payload(decoder, payload, "not JSON")
+        return None
+    if decoder.strict:
+        skip_payload(
+            decoder, payload, "not strict JSON: a lone surrogate escape, NaN/Infinity or a number past the double range"
+        )
+    if obj.__class__ is not dict:
+        return _scrub(obj)
+    raw = _raw_texts(obj)
+    obj = _scrub(obj)
+    fix_chunk_texts(decoder._pending, obj, raw)
+    return obj
+
+
+def fix_chunk_texts(pending: Dict[Any, str], obj: Dict[str, Any], raw_texts: Optional[Dict[Any, str]] = None) -> None:
+    """Apply :func:`join_surrogates` to the delta texts of every choice of a
+    chunk object, in place (``raw_texts``: from :func:`_raw_texts`, before
+    the chunk was scrubbed)."""
+    choices = obj.get("choices")
+    if choices.__class__ is not list:
+        return
+    for pos, c in enumerate(choices):
+        delta = c.get("delta") if c.__class__ is dict else None
+        if delta.__class__ is not dict:
+            continue
+        index = c.get("index")
+        if index.__class__ is not int or index < 0:
+            index = pos
+        end = c.get("finish_reason").__class__ is str
+        for f in _TEXT_FIELDS:
+            v = raw_texts.get((pos, f), delta.get(f)) if raw_texts else delta.get(f)
+            if v is not None and v.__class__ is not str:
+                continue
+            new = join_surrogates(pending, (index, f), v, end)
+            if new != v:
+                delta[f] = new if new is not None else ""
+
+
 def _raw_texts(obj: Dict[str, Any]) -> Dict[Any, str]:
     """The delta texts of a lenient chunk that hold a surrogate, by (choice
     position, field): kept raw so that a pair split over two chunks can be
@@ -466,7 +539,7 @@ class StreamDecoder:
     def _general(self, payload: bytes, obj: Any = None) -> bool:
         """Decode any payload; return True when the stream is done."""
         res = self.result
-        raw_texts: Optional[Dict[Any, str]] = None
+        lenient = False
         if obj is None:
             if payload == b"[DONE]":
                 if self._pending:
@@ -478,21 +551,16 @@ class StreamDecoder:
             except ValueError:
                 try:  # invalid UTF-8: replace it (U+FFFD) rather than lose the event
                     obj = _loads(payload.decode("utf-8", "replace"))
-                except ValueError:
-                    try:
-                        obj = _lenient_loads(payload)
-                    except ValueError:
-                        return self._skip(payload, "not JSON")
-                    if self.strict:
-                        return self._skip(
-                            payload, "not strict JSON: a lone surrogate escape, NaN/Infinity or a number past the double range"
-                        )
-                    if obj.__class__ is dict:
-                        raw_texts = _raw_texts(obj)
-                    obj = _scrub(obj)
+                except ValueError:  # only json reads it (or nothing does)
+                    obj = lenient_payload(self, payload)
+                    if obj is None:
+                        return False
+                    lenient = True
         res.events += 1
         if obj.__class__ is not dict:
             return self._skip(payload, "not a JSON object")
+        if self._pending and not lenient:  # half a surrogate pair waits for this chunk
+            fix_chunk_texts(self._pending, obj)
         has_stats = record_envelope(res, obj, payload)
         choices = obj.get("choices")
         if choices.__class__ is not list:
@@ -512,10 +580,10 @@ class StreamDecoder:
             if content is not None and content.__class__ is not str:
                 return self._skip(payload, "delta.content is not a string")
         for pos, c in enumerate(choices):
-            self._choice(pos, c, raw_texts)
+            self._choice(pos, c)
         return False
 
-    def _choice(self, pos: int, c: Dict[str, Any], raw_texts: Optional[Dict[Any, str]]) -> None:
+    def _choice(self, pos: int, c: Dict[str, Any]) -> None:
         """One choice of a decoded chunk (``pos``: its place in ``choices``)."""
         res = self.result
         index = c.get("index")
@@ -538,13 +606,6 @@ class StreamDecoder:
         logprobs = c.get("logprobs")
         if logprobs.__class__ is not dict:
             logprobs = None
-        if raw_texts or self._pending:
-            end = finish is not None
-            if raw_texts:
-                content = raw_texts.get((pos, "content"), content)
-                reasoning = raw_texts.get((pos, "reasoning_content"), reasoning)
-            content = self._join((index, "content"), content, end)
-            reasoning = self._join((index, "reasoning_content"), reasoning, end)
         if finish is not None and index == 0:
             res.finish_reason = finish
         if content or reasoning:
@@ -560,39 +621,20 @@ class StreamDecoder:
             self.on_content(content)  # type: ignore[misc]
 
     def _join(self, key: Any, s: Optional[str], end: bool) -> Optional[str]:
-        """One text piece of a choice's field (``key``: (index, field)) with the
-        surrogate halves fixed: a high surrogate held from the previous piece
-        pairs with a low one starting this piece, or becomes U+FFFD; a high
-        surrogate ending this piece is held for the next one (unless the
-        choice ends here); any other lone surrogate becomes U+FFFD."""
-        pend = self._pending.pop(key, None)
-        if pend is not None:
-            if s and "\udc00" <= s[0] <= "\udfff":
-                s = chr(0x10000 + ((ord(pend) - 0xD800) << 10) + (ord(s[0]) - 0xDC00)) + s[1:]
-            elif s or end:
-                s = "\ufffd" + (s or "")
-            else:  # this piece has nothing of that field: keep waiting
-                self._pending[key] = pend
-                return s
-        if s and not s.isascii():
-            if not end and "\ud800" <= s[-1] <= "\udbff":
-                self._pending[key] = s[-1]
-                s = s[:-1]
-            s = _LONE_SURROGATE.sub("\ufffd", s)
-        return s or None
+        return join_surrogates(self._pending, key, s, end)
 
     def _flush_pending(self) -> None:
         """At [DONE]: a half surrogate pair still held becomes U+FFFD."""
         pending, self._pending = self._pending, {}
         res = self.result
-        for (index, field) in sorted(pending):
+        for index, field in sorted(pending):
             if self.on_delta is not None:
                 if field == "content":
                     res.deltas += 1
                     self.on_delta(Delta("\ufffd", index=index))
                 else:
                     self.on_delta(Delta(reasoning_content="\ufffd", index=index))
-            elif field == "content":
+            elif field == "content" and index == 0:
                 res.deltas += 1
                 self.on_content("\ufffd")  # type: ignore[misc]
 

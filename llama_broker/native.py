@@ -55,7 +55,16 @@ from typing import (
 
 from .broker import AsyncDeltaStream, Broker, DeltaStream, default_broker, validate_messages
 from .config import ModelConfig
-from .decoder import Delta, StreamResult, api_error_from_body, record_envelope, skip_payload, whole_body_as_chunk
+from .decoder import (
+    Delta,
+    StreamResult,
+    api_error_from_body,
+    fix_chunk_texts,
+    lenient_payload,
+    record_envelope,
+    skip_payload,
+    whole_body_as_chunk,
+)
 from .engine import Transfer
 from .errors import ConfigError, ProtocolError
 from .sse import DEFAULT_MAX_EVENT_BYTES, EventSplitter
@@ -116,7 +125,7 @@ class _DecoderBase:
     """What :class:`~llama_broker.transport.Call` needs: ``feed_bytes`` (with its
     own ``splitter``) or ``feed``, ``feed_whole``, ``result``."""
 
-    __slots__ = ("strict", "result", "t0", "_warned", "splitter")
+    __slots__ = ("strict", "result", "t0", "_warned", "splitter", "_pending")
 
     def __init__(
         self, *, strict: bool = False, t0: Optional[float] = None, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
@@ -127,6 +136,8 @@ class _DecoderBase:
         self._warned = 0
         #: The splitter :meth:`feed_bytes` feeds (one per stream, bounded by max_event_bytes).
         self.splitter = EventSplitter(max_event_bytes)
+        #: half surrogate pairs between chunks (see decoder.join_surrogates)
+        self._pending: Dict[Any, str] = {}
 
     def feed_bytes(self, chunk: bytes) -> None:
         """Feed one network chunk of the event stream."""
@@ -162,14 +173,19 @@ class _DecoderBase:
         if payload == b"[DONE]":
             self.result.done = True
             return
+        lenient = False
         try:
             obj = _loads(payload)
         except ValueError:
             try:  # invalid UTF-8: replace it rather than lose the event
                 obj = _loads(payload.decode("utf-8", "replace"))
-            except ValueError:
-                self._skip(payload, "not JSON")
-                return
+            except ValueError:  # only json reads it (lone surrogates, NaN ...), or nothing does
+                obj = lenient_payload(self, payload)
+                if obj is None:
+                    return
+                lenient = True
+        if self._pending and not lenient and obj.__class__ is dict:  # half a surrogate pair waits for this chunk
+            fix_chunk_texts(self._pending, obj)
         self.result.events += 1
         if obj.__class__ is not dict:
             self._skip(payload, "not a JSON object")
@@ -231,6 +247,8 @@ class ChunkDecoder(_DecoderBase):
             except ValueError:
                 self._payload(payload)  # [DONE], or the slow path for bad bytes
                 continue
+            if self._pending and obj.__class__ is dict:  # half a surrogate pair waits for this chunk
+                fix_chunk_texts(self._pending, obj)
             if obj.__class__ is dict and res.ttft_s is not None and res.id is not None:
                 choices = obj.get("choices")
                 if choices.__class__ is list and len(choices) == 1:

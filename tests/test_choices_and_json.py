@@ -179,6 +179,21 @@ def test_nan_and_out_of_range_numbers_keep_the_content(srv, loader, body, want):
     assert got == [want] and res.skipped == 0
 
 
+def test_the_native_api_and_the_drop_in_keep_that_content_too(srv, loader):
+    from llama_broker import native
+    from llama_broker.openai import OpenAI
+
+    srv.script(sse(_stream_of(SPLIT_EMOJI + [NAN_CHUNK])))
+    want = "ok \U0001F600!nan"
+    assert native.chat_completion(cfg_for(srv), MSGS).content == want
+    client = OpenAI(base_url=srv.url + "/v1", api_key="sk-x", max_retries=0)
+    assert client.chat.completions.create(model="m", messages=MSGS).choices[0].message.content == want
+    got = client.chat.completions.create(model="m", messages=MSGS, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in got if c.choices) == want
+    with pytest.raises(ProtocolError, match="not strict JSON"):
+        native.chat_completion(cfg_for(srv, strict=True), MSGS)
+
+
 def test_the_split_pair_reaches_stream_deltas_of_its_choice():
     two = [
         b'data: {"choices":[{"index":1,"delta":{"content":"b\\ud83d"}}]}\n\n',
