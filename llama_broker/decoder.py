@@ -222,6 +222,7 @@ class StreamResult:
     that could not be decoded and were skipped (``strict=False``), ``retries``
     the attempts made before the one that answered. ``ttft_s`` is the time to
     the first content (or reasoning) delta, ``elapsed_s`` the whole request.
+    With ``n > 1``, ``finish_reason`` is the first choice's.
     """
 
     finish_reason: Optional[str] = None
