@@ -22,6 +22,8 @@ from ._sse import ffi, lib
 from .errors import APIError, ProtocolError
 from .sse import DEFAULT_MAX_EVENT_BYTES, EventSplitter
 
+__all__ = ["Delta", "StreamResult", "StreamDecoder", "api_error_from_body"]
+
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
@@ -182,7 +184,6 @@ def _raw_texts(obj: Dict[str, Any]) -> Dict[Any, str]:
                         out[(pos, f)] = v
     return out
 
-__all__ = ["Delta", "StreamResult", "StreamDecoder", "api_error_from_body"]
 
 log = logging.getLogger("llama_broker")
 
