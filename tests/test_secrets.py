@@ -199,18 +199,29 @@ def test_broker_repr_masks_secrets(srv):
     assert not any(sec in text for sec in _secret_values()) and "pw-" not in text
 
 
-def test_map_logs_and_results_mask_url_credentials(srv, caplog):
-    password = "pw-" + "7q" * 6
+def _map_with_credentials(srv: LoopbackServer, password: str) -> Any:
+    """map() over two user:pass@ endpoints; the first answers 503 (a warning
+    line, and the request goes to the second)."""
     with LoopbackServer() as other:
         srv.script(api_error(503, "Loading model", "unavailable_error"))
         other.script(ok(["mapped"]))
         eps = [u.replace("http://", f"http://alice:{password}@") for u in (srv.url, other.url)]
         cfg = ModelConfig(eps[0], model="m", max_retries=1, retry_backoff_ms=10, timeout_ms=15000)
-        with caplog.at_level(logging.WARNING, logger="llama_broker"), Broker(cfg) as b:
-            results = list(b.map([{"messages": MSGS}], endpoints=eps, progress=False))
-        (r,) = results
+        with Broker(cfg) as b:
+            (r,) = list(b.map([{"messages": MSGS}], endpoints=eps, progress=False))
         assert r.ok and r.text == "mapped"
-        assert r.endpoint == other.url.replace("http://", "http://***@")
-        assert any("map: request 0 failed" in rec.getMessage() for rec in caplog.records)
-        assert password not in caplog.text and "alice" not in caplog.text
-        assert srv.chat_requests()[0].headers.get("authorization", "").startswith("Basic ")  # the credentials were used
+        assert srv.chat_requests()[0].headers.get("authorization", "").startswith("Basic ")  # they were used
+        return r, other.url
+
+
+def test_map_log_lines_mask_url_credentials(srv, caplog):
+    password = "pw-" + "7q" * 6
+    with caplog.at_level(logging.WARNING, logger="llama_broker"):
+        _map_with_credentials(srv, password)
+    assert any("map: request 0 failed on http://***@127.0.0.1:" in rec.getMessage() for rec in caplog.records)
+    assert password not in caplog.text and "alice" not in caplog.text
+
+
+def test_map_result_endpoint_masks_url_credentials(srv):
+    r, other_url = _map_with_credentials(srv, "pw-" + "8r" * 6)
+    assert r.endpoint == other_url.replace("http://", "http://***@")
