@@ -429,8 +429,25 @@ static pos parse_delta(pos p, pos end, unsigned char *dst, size_t *dst_len)
     return p + 1;
 }
 
-/* choices[0] at p: an object with a delta, and finish_reason and logprobs
- * absent or null. */
+/* The value of choices[0]."index" at p: the integer 0 (also written -0) or
+ * null, which both name the first choice; anything else (another choice, or
+ * 0.0, false ...) is left to Python. */
+static pos index_zero(pos p, pos end)
+{
+    if (p < end && *p == 'n')
+        return literal(p, end, "null", 4);
+    if (p < end && *p == '-')
+        p++;
+    if (p >= end || *p != '0')
+        return NULL;
+    p++;
+    if (p < end && ((*p >= '0' && *p <= '9') || *p == '.' || *p == 'e' || *p == 'E'))
+        return NULL;
+    return p;
+}
+
+/* choices[0] at p: an object with a delta, finish_reason and logprobs
+ * absent or null, and index absent, null or 0. */
 static pos parse_choice(pos p, pos end, unsigned char *dst, size_t *dst_len)
 {
     struct keys ks;
@@ -452,6 +469,9 @@ static pos parse_choice(pos p, pos end, unsigned char *dst, size_t *dst_len)
         } else if (KEY_IS(k, klen, "finish_reason") || KEY_IS(k, klen, "logprobs")) {
             /* a finish or log-probabilities: the general decoder carries them */
             p = literal(p, end, "null", 4);
+        } else if (KEY_IS(k, klen, "index")) {
+            /* another choice (n > 1) is the general decoder's: it keeps them apart */
+            p = index_zero(p, end);
         } else {
             p = skip_value(p, end, 3);
         }
@@ -464,24 +484,19 @@ static pos parse_choice(pos p, pos end, unsigned char *dst, size_t *dst_len)
     return have_delta ? p : NULL;
 }
 
-/* The value of "choices" at p: a non-empty array whose first element fits. */
+/* The value of "choices" at p: an array of exactly one element that fits
+ * (a chunk with several choices is the general decoder's). */
 static pos parse_choices(pos p, pos end, unsigned char *dst, size_t *dst_len)
 {
     if (p >= end || *p != '[')
         return NULL;
     p = parse_choice(skip_ws(p + 1, end), end, dst, dst_len);
-    for (;;) {
-        if (p == NULL)
-            return NULL;
-        p = skip_ws(p, end);
-        if (p >= end)
-            return NULL;
-        if (*p == ']')
-            return p + 1;
-        if (*p != ',')
-            return NULL;
-        p = skip_value(skip_ws(p + 1, end), end, 2);
-    }
+    if (p == NULL)
+        return NULL;
+    p = skip_ws(p, end);
+    if (p >= end || *p != ']')
+        return NULL;
+    return p + 1;
 }
 
 int lb_json_chunk_content(const unsigned char *in, size_t n, unsigned char *dst, size_t *dst_len)

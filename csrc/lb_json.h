@@ -2,16 +2,21 @@
  * lb_json: a fast path for the common llama-server streaming chunk.
  *
  * It recognizes exactly one shape, the one the Python decoder's short path
- * takes (StreamDecoder.feed): a JSON object whose "choices" is a non-empty
- * array; choices[0] is an object whose "delta" is an object with exactly one
- * member, "content", a string that is non-empty after unescaping; and
- * choices[0]."finish_reason" and choices[0]."logprobs" are absent or null
- * (log-probabilities go to the general decoder, which carries them). Anything else, and anything
- * the scanner is not sure about, returns 0 so that Python handles it.
+ * takes (StreamDecoder.feed): a JSON object whose "choices" is an array of
+ * exactly one element; that choices[0] is an object whose "delta" is an
+ * object with exactly one member, "content", a string that is non-empty
+ * after unescaping; choices[0]."finish_reason" and choices[0]."logprobs" are
+ * absent or null (log-probabilities go to the general decoder, which carries
+ * them); and choices[0]."index" is absent, null or the integer 0 (0 or -0:
+ * a chunk of another choice, n > 1, goes to the general decoder, which keeps
+ * the choices apart). Anything else, and anything the scanner is not sure
+ * about, returns 0 so that Python handles it.
  *
  * The whole input is validated as strict JSON (RFC 8259: UTF-8 without BOM,
  * no raw control characters, valid escapes and surrogate pairs, number
- * grammar, nothing after the value). On top of that it conservatively
+ * grammar, nothing after the value). A lone surrogate escape (a server that
+ * splits an emoji's UTF-16 pair over two chunks) is not strict JSON: it
+ * returns 0, and the Python decoder rejoins the halves. On top of that it conservatively
  * returns 0 when:
  *   - the top level has an "error", "usage" or "timings" member;
  *   - the top level, choices[0] or the delta has a duplicate key, a key with a

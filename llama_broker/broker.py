@@ -105,6 +105,8 @@ class Broker:
     ) -> StreamResult:
         """Stream a chat completion, calling ``on_delta(content)`` per content delta.
 
+        The content is the first choice's (index 0): with ``n > 1`` the other
+        choices are not mixed in (:meth:`stream` yields them all).
         Returns the :class:`StreamResult` (finish reason, usage, timings, counts).
         Raises :class:`APIError`, :class:`TransportError` (after any delivered
         deltas: they stay delivered), :class:`ProtocolError` or whatever
@@ -123,13 +125,16 @@ class Broker:
         **params: Any,
     ) -> StreamResult:
         """Like :meth:`chat_stream`, but ``on_delta`` gets every :class:`Delta`
-        (reasoning, tool-call fragments, finish reason, logprobs too)."""
+        (reasoning, tool-call fragments, finish reason, logprobs too) of every
+        choice (``Delta.index``)."""
         cfg = self._cfg(cfg)
         body = _encode_body(cfg, messages, params)
         return self._perform(cfg, body, lambda t0: StreamDecoder(None, on_delta, strict=cfg.strict, t0=t0, max_event_bytes=cfg.max_event_bytes))
 
     def chat(self, messages: Messages, *, cfg: Optional[ModelConfig] = None, **params: Any) -> str:
-        """The whole reply as one string (streamed underneath, only the text kept)."""
+        """The whole reply as one string (streamed underneath, only the text kept).
+
+        With ``n > 1`` it is the first choice's text (index 0) only."""
         parts: List[str] = []
         self.chat_stream(messages, parts.append, cfg=cfg, **params)
         return "".join(parts)
@@ -169,20 +174,30 @@ class Broker:
         t0 = time.monotonic()
         deadline = t0 + cfg.timeout_ms / 1000.0
         attempt = 0
+        redirects = 0
         while True:
             decoder = make_decoder(t0)
             handle = self._acquire()
             call: Optional[Call] = None
+            next_url: Optional[str] = None
             try:
                 call = Call(
-                    handle, cfg, body, decoder, deadline=deadline, url=url, method=method, streaming=streaming
+                    handle,
+                    cfg,
+                    body,
+                    decoder,
+                    deadline=deadline,
+                    url=url,
+                    method=method,
+                    streaming=streaming,
+                    redirects=redirects,
                 )
                 curl_error: Optional[pycurl.error] = None
                 try:
                     handle.perform()
                 except pycurl.error as e:
                     curl_error = e
-                call.finish(curl_error)
+                next_url = call.finish(curl_error)
             except BrokerError as err:
                 delivered = call.delivered if call is not None else False
                 attempt = self._maybe_retry(cfg, err, delivered, attempt, deadline)
@@ -190,6 +205,9 @@ class Broker:
             finally:
                 handle.reset()  # drop the Call's callbacks; the connection cache stays
                 self._release(handle)
+            if next_url is not None:  # a redirect (follow_redirects): the next hop
+                url, redirects = next_url, redirects + 1
+                continue
             res = decoder.result
             res.retries = attempt
             res.elapsed_s = time.monotonic() - t0
@@ -232,8 +250,10 @@ class Broker:
     def stream(self, messages: Messages, *, cfg: Optional[ModelConfig] = None, **params: Any) -> "DeltaStream":
         """An iterator of :class:`Delta`, pulled without threads; a context manager.
 
-        The multi handle is driven only when the caller asks for the next
-        delta, so several open streams interleave on one thread. Leaving early
+        With ``n > 1`` the deltas of every choice come interleaved, as the
+        server sends them; ``Delta.index`` tells them apart. The multi handle
+        is driven only when the caller asks for the next delta, so several
+        open streams interleave on one thread. Leaving early
         (``close()``, the ``with`` block, or dropping it) closes the
         connection, which is how llama-server cancels a generation.
         """
@@ -259,7 +279,8 @@ class Broker:
         ``requests``: dicts ``{"messages": [...], **params}``. ``endpoints``:
         base URLs or ModelConfigs (default: this Broker's config). Yields a
         :class:`MapResult` per request as it completes (``.index`` is its
-        position), going on past failures (``.error``). A request that fails
+        position; ``.text`` the first choice's text, with ``n > 1``), going on
+        past failures (``.error``). A request that fails
         before any output on a refused connection, an early reset, a 429 or a
         503 is sent to another endpoint and that endpoint is rested with a
         capped backoff (or the server's Retry-After); when every endpoint
@@ -616,19 +637,21 @@ def default_broker() -> Broker:
 
 def chat_stream(cfg: ModelConfig, messages: Messages, on_delta: Callable[[str], Any], **params: Any) -> StreamResult:
     """Stream a chat completion from ``cfg``'s server, calling ``on_delta(content)``
-    once per non-empty content delta as it arrives. ``params`` are extra body
+    once per non-empty content delta of the first choice (index 0; with
+    ``n > 1`` the others are not mixed in) as it arrives. ``params`` are extra body
     fields (``max_tokens``, ``seed``, ``stop``, ``top_k``, ``stream_options`` …).
     Returns the :class:`StreamResult`."""
     return default_broker().chat_stream(messages, on_delta, cfg=cfg, **params)
 
 
 def chat(cfg: ModelConfig, messages: Messages, **params: Any) -> str:
-    """The whole reply as a string; the same streaming path as :func:`chat_stream`."""
+    """The whole reply as a string (the first choice's, with ``n > 1``); the same
+    streaming path as :func:`chat_stream`."""
     return default_broker().chat(messages, cfg=cfg, **params)
 
 
 def stream(cfg: ModelConfig, messages: Messages, **params: Any) -> DeltaStream:
-    """A pulled iterator of :class:`Delta` (see :meth:`Broker.stream`)."""
+    """A pulled iterator of :class:`Delta` of every choice (see :meth:`Broker.stream`)."""
     return default_broker().stream(messages, cfg=cfg, **params)
 
 

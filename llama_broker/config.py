@@ -3,16 +3,62 @@
 from __future__ import annotations
 
 import os
+import string
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional
+from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
 from .sse import DEFAULT_MAX_EVENT_BYTES
 
-__all__ = ["ModelConfig"]
+__all__ = ["ModelConfig", "SECRET_HEADERS", "check_header", "mask_headers", "mask_url"]
 
 _CHAT_PATH = "/v1/chat/completions"
+
+#: Request headers (lower-case names) whose values are credentials: masked in
+#: reprs and errors, and never sent to another origin on a redirect.
+SECRET_HEADERS = frozenset({"authorization", "x-api-key", "proxy-authorization", "api-key"})
+
+# RFC 9110 token characters (a header name).
+_TCHAR = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")
+_BREAKS = ("\r", "\n", "\0")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with credentials embedded in it (``user:pass@``) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL we can take apart: show nothing of it past the scheme
+        return url.split("://", 1)[0] + "://***" if "@" in url else url
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def mask_headers(headers: Mapping[str, str]) -> Dict[str, str]:
+    """A copy of ``headers`` with the values of :data:`SECRET_HEADERS` as ``***``."""
+    return {k: ("***" if str(k).lower() in SECRET_HEADERS else v) for k, v in headers.items()}
+
+
+def check_header(name: object, value: object, where: str = "ModelConfig.headers") -> None:
+    """Raise :class:`ConfigError` unless ``name`` is an HTTP token and ``value`` an
+    ASCII string without CR, LF or NUL (which would end the header line early
+    or inject another one). The message never shows the value."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}: a header name must be a non-empty string, got {type(name).__name__}")
+    for i, ch in enumerate(name):
+        if ch not in _TCHAR:
+            # only the part before the bad character: a whole "Name: value" line may follow it
+            raise ConfigError(
+                f"{where}: header name {name[:i]!r}... is not an HTTP token (character {ch!r} at position {i})"
+            )
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: the value of header {name!r} must be a string, got {type(value).__name__}")
+    if any(b in value for b in _BREAKS):
+        raise ConfigError(f"{where}: the value of header {name!r} contains CR, LF or NUL")
+    if not value.isascii():
+        raise ConfigError(f"{where}: the value of header {name!r} has a non-ASCII character")
 
 
 def _positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
@@ -45,7 +91,17 @@ class ModelConfig:
     already ending in ``/v1`` or ``/v1/chat/completions`` is taken as it is).
     ``key_env`` names an environment variable read at request time: when it is
     set and non-empty its value goes out as ``Authorization: Bearer …``; the
-    key itself is never stored here, printed or put in an error.
+    key itself is never stored here, printed or put in an error. One trailing
+    newline (``\\n`` or ``\\r\\n``, as a key read from a file ends) is stripped;
+    any other CR, LF or NUL (or a non-ASCII character) in the key is a
+    :class:`ConfigError` (naming the variable, not the key) raised before
+    anything is sent.
+
+    ``headers`` are sent with every request: names must be HTTP tokens and
+    values ASCII without CR, LF or NUL (checked here, and again when a
+    request starts). ``Authorization``, ``X-Api-Key``, ``Api-Key`` and
+    ``Proxy-Authorization`` are credentials: masked in the repr, and with
+    ``follow_redirects`` never sent to another scheme, host or port.
 
     Timeouts: ``timeout_ms`` bounds the whole request, ``connect_timeout_ms``
     the connection, ``idle_timeout_ms`` (``None`` for off) the time without a
@@ -94,7 +150,7 @@ class ModelConfig:
             raise ConfigError("ModelConfig.endpoint must be a non-empty URL string")
         ep = self.endpoint.strip().rstrip("/")
         if not ep.startswith(("http://", "https://")):
-            raise ConfigError(f"ModelConfig.endpoint must start with http:// or https://, got {ep!r}")
+            raise ConfigError(f"ModelConfig.endpoint must start with http:// or https://, got {mask_url(ep)!r}")
         object.__setattr__(self, "endpoint", ep)
         if not isinstance(self.model, str):
             raise ConfigError(f"ModelConfig.model must be a str, got {self.model!r}")
@@ -124,8 +180,7 @@ class ModelConfig:
                 stacklevel=3,  # the caller of ModelConfig(...)
             )
         for k, v in dict(self.headers).items():
-            if not isinstance(k, str) or not isinstance(v, str) or "\n" in k + v or "\r" in k + v:
-                raise ConfigError(f"ModelConfig.headers: bad header {k!r}")
+            check_header(k, v)
         if "stream" in self.params:
             raise ConfigError("ModelConfig.params: 'stream' is always true and cannot be set")
 
@@ -144,10 +199,37 @@ class ModelConfig:
         return self.base_url + _CHAT_PATH
 
     def api_key(self) -> Optional[str]:
-        """The key from ``key_env``'s variable, or ``None`` when unset or empty."""
+        """The key from ``key_env``'s variable, or ``None`` when unset or empty.
+
+        One trailing newline is stripped; any other CR, LF or NUL raises
+        :class:`ConfigError` (naming the variable, never the key)."""
         if self.key_env is None:
             return None
-        return os.environ.get(self.key_env) or None
+        key = os.environ.get(self.key_env)
+        if not key:
+            return None
+        if key.endswith("\n"):  # a key read from a file
+            key = key[:-2] if key.endswith("\r\n") else key[:-1]
+        if any(b in key for b in _BREAKS):
+            raise ConfigError(
+                f"ModelConfig.key_env: the API key in ${self.key_env} contains CR, LF or NUL "
+                "(only one trailing newline is stripped)"
+            )
+        if not key.isascii():
+            raise ConfigError(f"ModelConfig.key_env: the API key in ${self.key_env} has a non-ASCII character")
+        return key or None
+
+    def __repr__(self) -> str:
+        # The dataclass repr, with credentials masked (headers, user:pass@ in the endpoint).
+        parts = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "endpoint":
+                v = mask_url(v)
+            elif f.name == "headers":
+                v = mask_headers(v)
+            parts.append(f"{f.name}={v!r}")
+        return f"ModelConfig({', '.join(parts)})"
 
     def body(self, messages: Any, params: Mapping[str, Any]) -> Dict[str, Any]:
         """The JSON body for one chat request (``stream`` forced on)."""

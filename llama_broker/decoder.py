@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
@@ -20,13 +22,168 @@ from ._sse import ffi, lib
 from .errors import APIError, ProtocolError
 from .sse import DEFAULT_MAX_EVENT_BYTES, EventSplitter
 
+__all__ = ["Delta", "StreamResult", "StreamDecoder", "api_error_from_body"]
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if math.isinf(x):
+        raise ValueError(f"number {text} is out of the double range")
+    return x
+
+
+# A \uD800-\uDFFF escape: a surrogate, paired or not (only a hint: checked after decoding).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# After json has decoded a string, any surrogate left in it is a lone one.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(o: Any) -> bool:
+    c = o.__class__
+    if c is str:
+        return not o.isascii() and _LONE_SURROGATE.search(o) is not None
+    if c is list:
+        return any(_has_lone_surrogate(x) for x in o)
+    if c is dict:
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in o.items())
+    return False
+
+
+def _json_strict_loads(payload: Any) -> Any:
+    """``json.loads`` refusing what orjson refuses: NaN/Infinity, numbers past
+    the double range, lone surrogate escapes (the lenient path takes those)."""
+    obj = json.loads(payload, parse_constant=_refuse_constant, parse_float=_finite_float)
+    raw = payload if payload.__class__ is bytes else str(payload).encode("utf-8", "surrogatepass")
+    if _SURROGATE_ESCAPE.search(raw) is not None and _has_lone_surrogate(obj):
+        raise ValueError("a lone surrogate escape")
+    return obj
+
+
 _loads: Callable[[Any], Any]
 try:  # optional: ~3x faster than json on the few chunks the C fast path leaves to Python
     from orjson import loads as _loads
 except ImportError:  # pragma: no cover - exercised when orjson is absent
-    _loads = json.loads
+    _loads = _json_strict_loads
 
-__all__ = ["Delta", "StreamResult", "StreamDecoder", "api_error_from_body"]
+
+def _lenient_loads(payload: bytes) -> Any:
+    """What the standard ``json`` module makes of a payload the strict loader
+    refused (lone surrogates stay in the strings; NaN, Infinity, 1e400 become
+    floats); ``ValueError`` when it is not JSON at all."""
+    try:
+        return json.loads(payload)
+    except ValueError:  # invalid UTF-8 (UnicodeDecodeError is a ValueError)
+        return json.loads(payload.decode("utf-8", "replace"))
+
+
+def _scrub(o: Any) -> Any:
+    """``o`` with every lone surrogate in its strings (keys too) replaced by U+FFFD."""
+    c = o.__class__
+    if c is str:
+        return o if o.isascii() else _LONE_SURROGATE.sub("\ufffd", o)
+    if c is list:
+        return [_scrub(x) for x in o]
+    if c is dict:
+        return {_scrub(k): _scrub(v) for k, v in o.items()}
+    return o
+
+
+_TEXT_FIELDS = ("content", "reasoning_content")
+
+
+def join_surrogates(pending: Dict[Any, str], key: Any, s: Optional[str], end: bool) -> Optional[str]:
+    """One text piece of a choice's field (``key``: (index, field)) with the
+    surrogate halves fixed, ``pending`` holding the halves between pieces: a
+    high surrogate held from the previous piece pairs with a low one starting
+    this piece, or becomes U+FFFD; a high surrogate ending this piece is held
+    for the next one (unless the choice ends here, ``end``); any other lone
+    surrogate becomes U+FFFD. Returns the text, ``None`` when nothing is left."""
+    pend = pending.pop(key, None)
+    if pend is not None:
+        if s and "\udc00" <= s[0] <= "\udfff":
+            s = chr(0x10000 + ((ord(pend) - 0xD800) << 10) + (ord(s[0]) - 0xDC00)) + s[1:]
+        elif s or end:
+            s = "\ufffd" + (s or "")
+        else:  # this piece has nothing of that field: keep waiting
+            pending[key] = pend
+            return s
+    if s and not s.isascii():
+        if not end and "\ud800" <= s[-1] <= "\udbff":
+            pending[key] = s[-1]
+            s = s[:-1]
+        s = _LONE_SURROGATE.sub("\ufffd", s)
+    return s or None
+
+
+def lenient_payload(decoder: Any, payload: bytes) -> Any:
+    """A payload the strict loader refused, read by the standard ``json``
+    module (a lone surrogate escape, NaN/Infinity, a number past the double
+    range) with every lone surrogate replaced by U+FFFD, except in the
+    choices' delta texts: those are fixed in place by :func:`fix_chunk_texts`
+    (a pair split over two chunks is rejoined). Returns ``None`` after
+    skipping a payload that is not JSON at all; with ``decoder.strict`` any
+    such payload raises :class:`ProtocolError`."""
+    try:
+        obj = _lenient_loads(payload)
+    except ValueError:
+        skip_payload(decoder, payload, "not JSON")
+        return None
+    if decoder.strict:
+        skip_payload(
+            decoder, payload, "not strict JSON: a lone surrogate escape, NaN/Infinity or a number past the double range"
+        )
+    if obj.__class__ is not dict:
+        return _scrub(obj)
+    raw = _raw_texts(obj)
+    obj = _scrub(obj)
+    fix_chunk_texts(decoder._pending, obj, raw)
+    return obj
+
+
+def fix_chunk_texts(pending: Dict[Any, str], obj: Dict[str, Any], raw_texts: Optional[Dict[Any, str]] = None) -> None:
+    """Apply :func:`join_surrogates` to the delta texts of every choice of a
+    chunk object, in place (``raw_texts``: from :func:`_raw_texts`, before
+    the chunk was scrubbed)."""
+    choices = obj.get("choices")
+    if choices.__class__ is not list:
+        return
+    for pos, c in enumerate(choices):
+        delta = c.get("delta") if c.__class__ is dict else None
+        if delta.__class__ is not dict:
+            continue
+        index = c.get("index")
+        if index.__class__ is not int or index < 0:
+            index = pos
+        end = c.get("finish_reason").__class__ is str
+        for f in _TEXT_FIELDS:
+            v = raw_texts.get((pos, f), delta.get(f)) if raw_texts else delta.get(f)
+            if v is not None and v.__class__ is not str:
+                continue
+            new = join_surrogates(pending, (index, f), v, end)
+            if new != v:
+                delta[f] = new if new is not None else ""
+
+
+def _raw_texts(obj: Dict[str, Any]) -> Dict[Any, str]:
+    """The delta texts of a lenient chunk that hold a surrogate, by (choice
+    position, field): kept raw so that a pair split over two chunks can be
+    rejoined (everything else of the chunk is scrubbed)."""
+    out: Dict[Any, str] = {}
+    choices = obj.get("choices")
+    if choices.__class__ is list:
+        for pos, c in enumerate(choices):
+            delta = c.get("delta") if c.__class__ is dict else None
+            if delta.__class__ is dict:
+                for f in _TEXT_FIELDS:
+                    v = delta.get(f)
+                    if v.__class__ is str and _has_lone_surrogate(v):
+                        out[(pos, f)] = v
+    return out
+
 
 log = logging.getLogger("llama_broker")
 
@@ -42,6 +199,8 @@ class Delta(NamedTuple):
     ``tool_calls`` holds the raw OpenAI tool-call fragments of this chunk
     (``index``, ``id``, ``function.name``, ``function.arguments`` pieces);
     ``logprobs`` the chunk's ``logprobs`` object (with ``n_probs``/``logprobs``).
+    ``index`` is the choice the delta belongs to: always 0 unless the request
+    asked for several choices (``n > 1``), whose deltas arrive interleaved.
     """
 
     content: Optional[str] = None
@@ -49,6 +208,8 @@ class Delta(NamedTuple):
     tool_calls: Optional[List[Dict[str, Any]]] = None
     finish_reason: Optional[str] = None
     logprobs: Optional[Dict[str, Any]] = None
+    # (a field named like tuple.index() shadows that method, as OpenAI's name wants)
+    index: int = 0  # type: ignore[assignment]
 
 
 @dataclass
@@ -62,6 +223,7 @@ class StreamResult:
     that could not be decoded and were skipped (``strict=False``), ``retries``
     the attempts made before the one that answered. ``ttft_s`` is the time to
     the first content (or reasoning) delta, ``elapsed_s`` the whole request.
+    With ``n > 1``, ``finish_reason`` is the first choice's.
     """
 
     finish_reason: Optional[str] = None
@@ -108,7 +270,10 @@ def whole_body_as_chunk(body: bytes) -> Dict[str, Any]:
     try:
         obj = _loads(body)
     except ValueError:
-        obj = None
+        try:  # lone surrogates (U+FFFD), NaN, numbers past the double range
+            obj = _scrub(_lenient_loads(body))
+        except ValueError:
+            obj = None
     if obj.__class__ is not dict or obj.get("choices").__class__ is not list:
         if obj.__class__ is dict and "error" in obj:
             raise api_error_from_body(obj, None, body.decode("utf-8", "replace"))
@@ -168,9 +333,17 @@ def skip_payload(decoder: Any, payload: bytes, why: str) -> None:
 class StreamDecoder:
     """Decodes one chat stream's events and hands content to the caller.
 
-    ``on_content(str)`` gets each non-empty content delta. ``on_delta(Delta)``,
-    when given, gets every delta that carries anything (content included), and
-    ``on_content`` is then not used.
+    ``on_content(str)`` gets each non-empty content delta of the first choice
+    (index 0; the other choices of an ``n > 1`` request are not mixed in).
+    ``on_delta(Delta)``, when given, gets every delta of every choice that
+    carries anything (content included, ``Delta.index`` telling the choice),
+    and ``on_content`` is then not used.
+
+    A payload that only the lenient standard ``json`` module reads (a lone
+    surrogate escape, NaN/Infinity, a number past the double range) is a
+    ``ProtocolError`` when ``strict``; otherwise it is decoded: a surrogate
+    pair split over two consecutive chunks of a choice is rejoined, and a
+    surrogate left unpaired becomes U+FFFD.
     """
 
     __slots__ = (
@@ -184,6 +357,7 @@ class StreamDecoder:
         "_emit_fast",
         "_s",
         "_fast",
+        "_pending",
     )
 
     def __init__(
@@ -205,13 +379,15 @@ class StreamDecoder:
         self.splitter = EventSplitter(max_event_bytes)
         self._s = self.splitter._s  # the C state, called directly on the hot path
         self._fast = self.splitter.fast
+        #: (choice index, field) -> a high surrogate that ended the last piece
+        self._pending: Dict[Any, str] = {}
         if on_delta is not None:
             emit_delta = on_delta
             new = tuple.__new__
 
             def emit_content_delta(text: str) -> Any:
                 # tuple.__new__ skips the NamedTuple's Python-level __new__ (half the cost)
-                return emit_delta(new(Delta, (text, None, None, None, None)))
+                return emit_delta(new(Delta, (text, None, None, None, None, 0)))
 
             self._emit_fast: Callable[[str], Any] = emit_content_delta
         else:
@@ -239,7 +415,7 @@ class StreamDecoder:
         f = self._fast
         nf = f.n_fast
         text = _unpack(f.text, f.text_len).decode() if nf else ""
-        emit = self._emit_fast
+        emit = self._emit_fast if not self._pending else self._emit_after_pending
         if nf == n:  # every event was a plain content chunk
             if n == 1:
                 emit(text)
@@ -261,7 +437,8 @@ class StreamDecoder:
                     end = pos + m
                     res.events += 1
                     res.deltas += 1
-                    emit(text[pos:end])
+                    # (an event decoded just before may have left half a surrogate pair)
+                    (self._emit_fast if not self._pending else self._emit_after_pending)(text[pos:end])
                     pos = end
                     continue
                 j = i * _N
@@ -274,6 +451,11 @@ class StreamDecoder:
                     break
         if nf and res.ttft_s is None:
             res.ttft_s = time.monotonic() - self.t0
+
+    def _emit_after_pending(self, text: str) -> Any:
+        """Emit a fast-path content of choice 0 after a held half surrogate pair
+        (the C side never passes a lone surrogate, so the held half is unpaired)."""
+        return self._emit_fast(self._join((0, "content"), text, False) or "")
 
     # -- one batch already split (the splitter used on its own) --------------
     def feed(self, out: bytes, recs: List[int]) -> None:
@@ -297,14 +479,24 @@ class StreamDecoder:
             payload = out[d : d + recs[i + 1]]
             try:
                 obj = loads(payload)
-                c0 = obj["choices"][0]
+                choices = obj["choices"]
+                c0 = choices[0]
                 delta = c0["delta"]
                 content = delta["content"]
             except _DECODE_ERRORS:
                 if self._general(payload):
                     break
                 continue
-            if content.__class__ is str and content and len(delta) == 1 and c0.get("finish_reason") is None:
+            index = c0.get("index")
+            if (
+                content.__class__ is str
+                and content
+                and len(delta) == 1
+                and c0.get("finish_reason") is None
+                and len(choices) == 1
+                and (index is None or (index.__class__ is int and index == 0))
+                and not self._pending
+            ):
                 n_content += 1
                 emit(content)  # type: ignore[misc]
             else:
@@ -349,8 +541,11 @@ class StreamDecoder:
     def _general(self, payload: bytes, obj: Any = None) -> bool:
         """Decode any payload; return True when the stream is done."""
         res = self.result
+        lenient = False
         if obj is None:
             if payload == b"[DONE]":
+                if self._pending:
+                    self._flush_pending()
                 res.done = True
                 return True
             try:
@@ -358,11 +553,16 @@ class StreamDecoder:
             except ValueError:
                 try:  # invalid UTF-8: replace it (U+FFFD) rather than lose the event
                     obj = _loads(payload.decode("utf-8", "replace"))
-                except ValueError:
-                    return self._skip(payload, "not JSON")
+                except ValueError:  # only json reads it (or nothing does)
+                    obj = lenient_payload(self, payload)
+                    if obj is None:
+                        return False
+                    lenient = True
         res.events += 1
         if obj.__class__ is not dict:
             return self._skip(payload, "not a JSON object")
+        if self._pending and not lenient:  # half a surrogate pair waits for this chunk
+            fix_chunk_texts(self._pending, obj)
         has_stats = record_envelope(res, obj, payload)
         choices = obj.get("choices")
         if choices.__class__ is not list:
@@ -371,43 +571,74 @@ class StreamDecoder:
             return False
         if not choices:
             return False  # the usage chunk
-        c0 = choices[0]
-        if c0.__class__ is not dict:
-            return self._skip(payload, "choices[0] is not an object")
-        delta = c0.get("delta")
-        if delta is None:
-            delta = {}
-        elif delta.__class__ is not dict:
-            return self._skip(payload, "choices[0].delta is not an object")
+        # A payload is taken whole or skipped whole: check every choice first.
+        for pos, c in enumerate(choices):
+            if c.__class__ is not dict:
+                return self._skip(payload, f"choices[{pos}] is not an object")
+            delta = c.get("delta")
+            if delta is not None and delta.__class__ is not dict:
+                return self._skip(payload, f"choices[{pos}].delta is not an object")
+            content = delta.get("content") if delta else None
+            if content is not None and content.__class__ is not str:
+                return self._skip(payload, "delta.content is not a string")
+        for pos, c in enumerate(choices):
+            self._choice(pos, c)
+        return False
+
+    def _choice(self, pos: int, c: Dict[str, Any]) -> None:
+        """One choice of a decoded chunk (``pos``: its place in ``choices``)."""
+        res = self.result
+        index = c.get("index")
+        if index.__class__ is not int or index < 0:
+            index = pos
+        on_delta = self.on_delta
+        if on_delta is None and index != 0:
+            return  # the text (on_content) is the first choice's only
+        delta = c.get("delta") or {}
         content = delta.get("content")
-        if content is not None and content.__class__ is not str:
-            return self._skip(payload, "delta.content is not a string")
         reasoning = delta.get("reasoning_content")
         if reasoning.__class__ is not str:
             reasoning = None
         tool_calls = delta.get("tool_calls")
         if tool_calls.__class__ is not list or not tool_calls:
             tool_calls = None
-        finish = c0.get("finish_reason")
+        finish = c.get("finish_reason")
         if finish.__class__ is not str:
             finish = None
-        logprobs = c0.get("logprobs")
+        logprobs = c.get("logprobs")
         if logprobs.__class__ is not dict:
             logprobs = None
-        if finish is not None:
+        if finish is not None and index == 0:
             res.finish_reason = finish
         if content or reasoning:
             if res.ttft_s is None:
                 res.ttft_s = time.monotonic() - self.t0
-        if self.on_delta is not None:
+        if on_delta is not None:
             if content or reasoning or tool_calls or finish or logprobs:
                 if content:
                     res.deltas += 1
-                self.on_delta(Delta(content or None, reasoning, tool_calls, finish, logprobs))
+                on_delta(Delta(content or None, reasoning, tool_calls, finish, logprobs, index))
         elif content:
             res.deltas += 1
             self.on_content(content)  # type: ignore[misc]
-        return False
+
+    def _join(self, key: Any, s: Optional[str], end: bool) -> Optional[str]:
+        return join_surrogates(self._pending, key, s, end)
+
+    def _flush_pending(self) -> None:
+        """At [DONE]: a half surrogate pair still held becomes U+FFFD."""
+        pending, self._pending = self._pending, {}
+        res = self.result
+        for index, field in sorted(pending):
+            if self.on_delta is not None:
+                if field == "content":
+                    res.deltas += 1
+                    self.on_delta(Delta("\ufffd", index=index))
+                else:
+                    self.on_delta(Delta(reasoning_content="\ufffd", index=index))
+            elif field == "content" and index == 0:
+                res.deltas += 1
+                self.on_content("\ufffd")  # type: ignore[misc]
 
     def _skip(self, payload: bytes, why: str) -> bool:
         skip_payload(self, payload, why)

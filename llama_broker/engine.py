@@ -62,6 +62,7 @@ class Transfer:
         "on_chunk",
         "engine",
         "tag",
+        "redirects",
         "_last_n",
         "_last_change",
     )
@@ -96,6 +97,8 @@ class Transfer:
         self.on_chunk: Optional[Callable[[], None]] = None
         self.engine: Optional["Engine"] = None
         self.tag = tag
+        #: redirects followed so far (ModelConfig.follow_redirects); ``url`` is the current hop
+        self.redirects = 0
         self._last_n = -1
         self._last_change = 0.0
 
@@ -144,7 +147,9 @@ class Engine:
         handle = self._acquire()
         try:
             t.decoder = t.make_decoder(t.t0)
-            t.call = Call(handle, t.cfg, t.body, t.decoder, deadline=t.deadline, url=t.url, progress=False)
+            t.call = Call(
+                handle, t.cfg, t.body, t.decoder, deadline=t.deadline, url=t.url, progress=False, redirects=t.redirects
+            )
         except BaseException:
             self._release(handle)
             raise
@@ -207,11 +212,19 @@ class Engine:
         call = t.call
         assert call is not None
         outcome: Optional[BaseException] = None
+        next_url: Optional[str] = None
         try:
-            call.finish(curl_error)  # before the handle is reset: it reads curl's byte count
+            next_url = call.finish(curl_error)  # before the handle is reset: it reads curl's byte count
         except BaseException as err:  # noqa: BLE001 - sorted out below
             outcome = err
         self._detach(t, reuse=True)
+        if next_url is not None:  # a redirect (follow_redirects): start the next hop
+            t.url, t.redirects = next_url, t.redirects + 1
+            try:
+                self.start(t)
+            except BaseException as e:  # noqa: BLE001 - handed to the transfer
+                t._finish(e)
+            return
         if isinstance(outcome, BrokerError):
             if not self._maybe_retry(t, outcome):
                 t._finish(outcome)

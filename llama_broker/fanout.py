@@ -36,7 +36,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Union
 
-from .config import ModelConfig
+from .config import ModelConfig, mask_url
 from .decoder import StreamDecoder, StreamResult
 from .engine import AsyncEngine, Engine, SyncEngine, Transfer
 from .errors import BrokerError, ConfigError
@@ -54,9 +54,11 @@ class MapResult(StreamResult):
     """One request's outcome in ``Broker.map``/``amap``.
 
     ``index`` is its position in the input, ``text`` the reply (the part that
-    arrived, when it failed mid-way), ``error`` ``None`` on success or the
+    arrived, when it failed mid-way; the first choice's, with ``n > 1``),
+    ``error`` ``None`` on success or the
     :class:`BrokerError`, ``endpoint`` the base URL that answered (or failed
-    last); the :class:`StreamResult` fields come along.
+    last; ``user:pass@`` in it masked as ``***@``); the :class:`StreamResult`
+    fields come along.
     """
 
     index: int = -1
@@ -262,7 +264,7 @@ class Fanout:
         try:
             body = encode_chat_body(cfg, item.messages, item.params)
         except ConfigError as err:
-            self._emit(MapResult(index=item.index, error=err, endpoint=cfg.base_url))
+            self._emit(MapResult(index=item.index, error=err, endpoint=mask_url(cfg.base_url)))
             return
 
         def make_decoder(t0: float) -> StreamDecoder:
@@ -282,7 +284,7 @@ class Fanout:
         except BrokerError as err:
             self._live.discard(t)
             ep.outstanding -= 1
-            self._emit(MapResult(index=item.index, error=err, endpoint=cfg.base_url))
+            self._emit(MapResult(index=item.index, error=err, endpoint=mask_url(cfg.base_url)))
 
     def _on_done(self, t: Transfer) -> None:
         item, ep, parts, started = t.tag
@@ -306,7 +308,7 @@ class Fanout:
                 log.warning(
                     "map: request %d failed on %s (%s); endpoint rested %.2fs, request requeued",
                     item.index,
-                    ep.cfg.base_url,
+                    mask_url(ep.cfg.base_url),
                     err,
                     max(0.0, ep.rest_until - now),
                 )
@@ -317,7 +319,7 @@ class Fanout:
         res = t.result if t.result is not None else (t.decoder.result if t.decoder is not None else StreamResult())
         fields = {name: getattr(res, name) for name in _RESULT_FIELDS}
         fields["retries"] = item.attempts - 1
-        self._emit(MapResult(index=item.index, text="".join(parts), error=err, endpoint=ep.cfg.base_url, **fields))
+        self._emit(MapResult(index=item.index, text="".join(parts), error=err, endpoint=mask_url(ep.cfg.base_url), **fields))
 
     def _emit(self, r: MapResult) -> None:
         self.done += 1

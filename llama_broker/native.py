@@ -55,7 +55,16 @@ from typing import (
 
 from .broker import AsyncDeltaStream, Broker, DeltaStream, default_broker, validate_messages
 from .config import ModelConfig
-from .decoder import Delta, StreamResult, api_error_from_body, record_envelope, skip_payload, whole_body_as_chunk
+from .decoder import (
+    Delta,
+    StreamResult,
+    api_error_from_body,
+    fix_chunk_texts,
+    lenient_payload,
+    record_envelope,
+    skip_payload,
+    whole_body_as_chunk,
+)
 from .engine import Transfer
 from .errors import ConfigError, ProtocolError
 from .sse import DEFAULT_MAX_EVENT_BYTES, EventSplitter
@@ -116,7 +125,7 @@ class _DecoderBase:
     """What :class:`~llama_broker.transport.Call` needs: ``feed_bytes`` (with its
     own ``splitter``) or ``feed``, ``feed_whole``, ``result``."""
 
-    __slots__ = ("strict", "result", "t0", "_warned", "splitter")
+    __slots__ = ("strict", "result", "t0", "_warned", "splitter", "_pending")
 
     def __init__(
         self, *, strict: bool = False, t0: Optional[float] = None, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
@@ -127,6 +136,8 @@ class _DecoderBase:
         self._warned = 0
         #: The splitter :meth:`feed_bytes` feeds (one per stream, bounded by max_event_bytes).
         self.splitter = EventSplitter(max_event_bytes)
+        #: half surrogate pairs between chunks (see decoder.join_surrogates)
+        self._pending: Dict[Any, str] = {}
 
     def feed_bytes(self, chunk: bytes) -> None:
         """Feed one network chunk of the event stream."""
@@ -162,14 +173,19 @@ class _DecoderBase:
         if payload == b"[DONE]":
             self.result.done = True
             return
+        lenient = False
         try:
             obj = _loads(payload)
         except ValueError:
             try:  # invalid UTF-8: replace it rather than lose the event
                 obj = _loads(payload.decode("utf-8", "replace"))
-            except ValueError:
-                self._skip(payload, "not JSON")
-                return
+            except ValueError:  # only json reads it (lone surrogates, NaN ...), or nothing does
+                obj = lenient_payload(self, payload)
+                if obj is None:
+                    return
+                lenient = True
+        if self._pending and not lenient and obj.__class__ is dict:  # half a surrogate pair waits for this chunk
+            fix_chunk_texts(self._pending, obj)
         self.result.events += 1
         if obj.__class__ is not dict:
             self._skip(payload, "not a JSON object")
@@ -231,6 +247,8 @@ class ChunkDecoder(_DecoderBase):
             except ValueError:
                 self._payload(payload)  # [DONE], or the slow path for bad bytes
                 continue
+            if self._pending and obj.__class__ is dict:  # half a surrogate pair waits for this chunk
+                fix_chunk_texts(self._pending, obj)
             if obj.__class__ is dict and res.ttft_s is not None and res.id is not None:
                 choices = obj.get("choices")
                 if choices.__class__ is list and len(choices) == 1:
@@ -425,10 +443,14 @@ class ToolCallAssembler:
 
     A fragment is ``{"index", "id"?, "type"?, "function": {"name"?, "arguments"?}}``.
     The first fragment of an index opens the call (id, type, name); later
-    fragments append to ``function.arguments``. A name sent again in full
-    (some servers repeat it) is not doubled; a name sent in pieces is joined.
-    A fragment without ``index`` continues the last call, or opens a new one
-    when it carries a different ``id``.
+    fragments append to ``function.name`` and ``function.arguments``: name
+    pieces are joined (``go`` + ``go`` is ``gogo``). The one exception is a
+    server that re-sends the call's header: a name equal to the whole name so
+    far, in a fragment that repeats the call's ``id`` or comes after its
+    arguments began, is that repeat and not doubled.
+    A fragment without ``index`` goes to the call with its ``id``, opens a new
+    call (after the highest index so far) for an ``id`` not seen yet, and
+    otherwise continues the last call.
     """
 
     __slots__ = ("_calls", "_last")
@@ -443,15 +465,15 @@ class ToolCallAssembler:
                 continue
             idx = frag.get("index")
             fid = frag.get("id")
+            if not isinstance(fid, str) or not fid:
+                fid = None
             if not isinstance(idx, int) or isinstance(idx, bool):
-                if self._last is None or (fid and self._calls[self._last].id not in (None, fid)):
-                    idx = len(self._calls)
-                else:
-                    idx = self._last
+                idx = self._index_for(fid)
             call = self._calls.get(idx)
             if call is None:
                 call = self._calls[idx] = ToolCall(index=idx)
             self._last = idx
+            repeat_header = fid is not None and fid == call.id
             if fid and not call.id:
                 call.id = fid
             ftype = frag.get("type")
@@ -460,13 +482,25 @@ class ToolCallAssembler:
             fn = frag.get("function")
             if fn.__class__ is dict:
                 name = fn.get("name")
-                if isinstance(name, str) and name and name != call.name:
-                    call.name += name
+                if isinstance(name, str) and name:
+                    if not (name == call.name and (repeat_header or call.arguments)):
+                        call.name += name
                 args = fn.get("arguments")
                 if isinstance(args, str):
                     call.arguments += args
                 elif args is not None:  # a server that sends an object
                     call.arguments += json.dumps(args, ensure_ascii=False)
+
+    def _index_for(self, fid: Optional[str]) -> int:
+        """The call an index-less fragment belongs to."""
+        if fid is not None:
+            for k, c in self._calls.items():
+                if c.id == fid:
+                    return k
+        last = self._last
+        if last is None or (fid is not None and self._calls[last].id is not None):
+            return max(self._calls, default=-1) + 1  # a new call
+        return last
 
     @property
     def calls(self) -> List[ToolCall]:

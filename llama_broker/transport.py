@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, List, Optional
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, List, Optional, Tuple
+from urllib.parse import urldefrag, urljoin, urlsplit, urlunsplit
 
 import pycurl
 
-from .config import ModelConfig
+from .config import SECRET_HEADERS, ModelConfig, check_header, mask_url
 from .decoder import StreamDecoder, api_error_from_body
-from .errors import APIError, BrokerError, ConnectError, Headers, ProtocolError, TimeoutError_, TLSVerifyError, TransportError
+from .errors import APIError, BrokerError, ConfigError, ConnectError, Headers, ProtocolError, TimeoutError_, TLSVerifyError, TransportError
 from .sse import EventSplitter
 
 __all__ = ["Call", "RESET_CODES", "translate_curl_error"]
@@ -50,7 +50,11 @@ RESET_CODES = _RESET_CODES = {
 _HTTP2_STREAM_ERROR = 92
 
 
-_SECRET_HEADERS = {"authorization", "x-api-key", "proxy-authorization", "api-key"}
+_SECRET_HEADERS = SECRET_HEADERS  # (one list: config.SECRET_HEADERS)
+
+#: Redirects followed per request when ``ModelConfig.follow_redirects`` is on.
+MAX_REDIRECTS = 5
+_REDIRECT_STATUSES = {301, 302, 303, 307, 308}
 
 
 def _redact(err: BrokerError, secrets: List[str]) -> None:
@@ -100,12 +104,27 @@ def translate_curl_error(
     return TransportError(f"transfer failed: {where}", curl_code=code, bytes_received=nbytes, delivered=delivered)
 
 
-def _safe_url(url: str) -> str:
-    """``url`` without credentials embedded in it (``user:pass@``)."""
+_safe_url = mask_url  # (one masking helper: config.mask_url)
+
+
+def _origin(url: str) -> Tuple[str, str, Optional[int]]:
+    """(scheme, host, port) of an http(s) URL, the default port filled in."""
     parts = urlsplit(url)
-    if "@" not in parts.netloc:
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
+
+
+def _with_userinfo(url: str, endpoint: str) -> str:
+    """``url`` with the ``user:pass@`` of ``endpoint`` (a same-origin redirect keeps them)."""
+    ep = urlsplit(endpoint)
+    parts = urlsplit(url)
+    if "@" not in ep.netloc or "@" in parts.netloc:
         return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+    return urlunsplit(parts._replace(netloc=ep.netloc.rsplit("@", 1)[0] + "@" + parts.netloc))
 
 
 class Call:
@@ -123,6 +142,7 @@ class Call:
         method: str = "POST",
         streaming: bool = True,
         progress: bool = True,
+        redirects: int = 0,
     ) -> None:
         self.handle = handle
         self.cfg = cfg
@@ -137,6 +157,14 @@ class Call:
         self.splitter = splitter
         self._feed = feed_bytes
         self.url = url or cfg.url
+        #: redirects followed before this attempt (ModelConfig.follow_redirects)
+        self.redirects = redirects
+        # Credentials (the key, secret headers, user:pass@) belong to the
+        # configured server: a redirect to another scheme, host or port gets none.
+        self.same_origin = _origin(self.url) == _origin(cfg.endpoint)
+        if self.same_origin and redirects:
+            self.url = _with_userinfo(self.url, cfg.endpoint)
+        self._key: Optional[str] = None
         self.status: Optional[int] = None
         self.mode = 0  # 0: before the first byte; 1: event stream; 2: error body; 3: plain body
         self.nbytes = 0
@@ -169,10 +197,13 @@ class Call:
             headers.append("Expect:")  # no 100-continue round trip for large bodies
         if method != ("POST" if body is not None else "GET"):
             c.setopt(pycurl.CUSTOMREQUEST, method)
+        key = cfg.api_key()  # (raises ConfigError for a key with a line break in it)
         for k, v in cfg.headers.items():
-            headers.append(f"{k}: {v}")
-        key = cfg.api_key()
-        if key:
+            check_header(k, v)  # again: a mapping may have changed since ModelConfig checked it
+            if self.same_origin or k.lower() not in SECRET_HEADERS:
+                headers.append(f"{k}: {v}")
+        if key and self.same_origin:
+            self._key = key
             headers.append(f"Authorization: Bearer {key}")
         c.setopt(pycurl.HTTPHEADER, headers)
         c.setopt(pycurl.WRITEFUNCTION, self.write)
@@ -193,16 +224,11 @@ class Call:
         c.setopt(pycurl.TIMEOUT_MS, remaining_ms)
         c.setopt(pycurl.CONNECTTIMEOUT_MS, min(cfg.connect_timeout_ms, remaining_ms))
         c.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
-        if cfg.follow_redirects:
-            c.setopt(pycurl.FOLLOWLOCATION, 1)
-            c.setopt(pycurl.MAXREDIRS, 5)
-            c.setopt(pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
-            c.setopt(pycurl.POSTREDIR, pycurl.REDIR_POST_ALL)
-            # libcurl drops a custom Authorization header when the host, port or
-            # scheme changes unless UNRESTRICTED_AUTH is set; make that explicit.
-            c.setopt(pycurl.UNRESTRICTED_AUTH, 0)
-        else:
-            c.setopt(pycurl.FOLLOWLOCATION, 0)
+        # Redirects are never followed by curl, which would send every custom
+        # header (X-Api-Key ...) to whatever host the Location names: with
+        # follow_redirects, finish() returns the next URL and the caller starts
+        # a new Call for it, whose headers are chosen for that hop's origin.
+        c.setopt(pycurl.FOLLOWLOCATION, 0)
         if cfg.verify:
             c.setopt(pycurl.SSL_VERIFYPEER, 1)
             c.setopt(pycurl.SSL_VERIFYHOST, 2)
@@ -318,30 +344,38 @@ class Call:
         return r.deltas > 0 or r.finish_reason is not None
 
     # -- after the transfer ---------------------------------------------------
-    def finish(self, curl_error: Optional[pycurl.error]) -> None:
-        """Raise what this attempt ended with, or return on success.
+    def finish(self, curl_error: Optional[pycurl.error]) -> Optional[str]:
+        """Raise what this attempt ended with, or return on success: ``None``,
+        or the URL to send the request to next (a redirect to follow, with
+        ``ModelConfig.follow_redirects``: start a new Call for it with
+        ``redirects=self.redirects + 1``).
 
         Any secret the request carried (the key, custom auth headers) is
         replaced by ``***`` in the error, even when the server echoed it."""
         try:
-            self._finish(curl_error)
+            return self._finish(curl_error)
         except BrokerError as err:
             _redact(err, self._secrets())
             raise
 
     def _secrets(self) -> List[str]:
         out = []
-        key = self.cfg.api_key()
+        key = self._key
+        if key is None:
+            try:
+                key = self.cfg.api_key()
+            except ConfigError:
+                key = None
         if key:
             out.append(key)
         for k, v in self.cfg.headers.items():
-            if k.lower() in _SECRET_HEADERS:
+            if k.lower() in SECRET_HEADERS:
                 out.append(v)
                 if " " in v:
                     out.append(v.split(" ", 1)[1])  # the token of "Bearer <token>"
         return [x for x in out if len(x) >= 4]
 
-    def _finish(self, curl_error: Optional[pycurl.error]) -> None:
+    def _finish(self, curl_error: Optional[pycurl.error]) -> Optional[str]:
         try:
             self.nbytes = int(self.handle.getinfo(pycurl.SIZE_DOWNLOAD_T))
         except (pycurl.error, AttributeError):  # pragma: no cover - very old pycurl
@@ -351,17 +385,19 @@ class Call:
         if self.mode == 0 and self.status is not None and not 200 <= self.status < 300:
             self.mode = 2  # a status without a body
         if self.mode == 2:
+            if self.cfg.follow_redirects and self.status in _REDIRECT_STATUSES and self.location:
+                return self._next_hop()
             raise self._api_error()
         if self.mode == 0 and not self.streaming and curl_error is None:
             self.mode = 3  # a 2xx with an empty body
         if self.mode == 3:
             if self.body_truncated:
                 raise ProtocolError(
-                    f"non-event-stream body over max_event_bytes ({self.cfg.max_event_bytes}) from {self.url}"
+                    f"non-event-stream body over max_event_bytes ({self.cfg.max_event_bytes}) from {_safe_url(self.url)}"
                 )
             if curl_error is None:
                 self.decoder.feed_whole(b"".join(self.body_parts))
-                return
+                return None
         res = self.decoder.result
         if self.idle_fired:
             raise TimeoutError_(
@@ -374,7 +410,7 @@ class Call:
         if curl_error is not None:
             code, text = curl_error.args[0], str(curl_error.args[1]) if len(curl_error.args) > 1 else ""
             if res.done or (res.finish_reason is not None and code in _RESET_CODES):
-                return  # everything was delivered; the connection just did not end cleanly
+                return None  # everything was delivered; the connection just did not end cleanly
             raise translate_curl_error(
                 code,
                 text,
@@ -391,6 +427,22 @@ class Call:
                 bytes_received=self.nbytes,
                 delivered=self.delivered,
             )
+        return None
+
+    def _next_hop(self) -> str:
+        """The absolute URL of a redirect to follow (http or https only, at most
+        MAX_REDIRECTS per request)."""
+        assert self.location is not None
+        target = urldefrag(urljoin(self.url, self.location))[0]
+        if urlsplit(target).scheme.lower() not in ("http", "https"):
+            raise APIError(f"redirect to a non-HTTP URL refused: {_safe_url(target)}", status=self.status)
+        if self.redirects >= MAX_REDIRECTS:
+            raise TransportError(
+                f"too many redirects: more than {MAX_REDIRECTS} from {_safe_url(self.url)}",
+                curl_code=getattr(pycurl, "E_TOO_MANY_REDIRECTS", 47),
+                bytes_received=self.nbytes,
+            )
+        return target
 
     def _response_headers(self) -> Headers:
         """The error response's headers (any secret the request carried masked)."""
@@ -414,11 +466,9 @@ class Call:
         raw = raw_bytes.decode("utf-8", "replace")
         status = self.status
         if 300 <= (status or 0) < 400:
-            return APIError(
-                f"redirect to {self.location or '(no Location)'} not followed (ModelConfig.follow_redirects is off)",
-                status=status,
-                body=raw or None,
-            )
+            where = _safe_url(self.location) if self.location else "(no Location)"
+            why = "not a redirect to follow" if self.cfg.follow_redirects else "ModelConfig.follow_redirects is off"
+            return APIError(f"redirect to {where} not followed ({why})", status=status, body=raw or None)
         body: Any
         try:
             body = json.loads(raw_bytes) if raw_bytes else None

@@ -93,6 +93,7 @@ class Request:
     raw_headers: List[Tuple[str, str]]
     body: bytes
     conn: int                     # connection number (same number: reused)
+    raw_head: bytes = b""         # the request line and headers as they came, up to the blank line
 
     @property
     def json(self) -> Any:
@@ -386,7 +387,7 @@ class LoopbackServer:
                 if not self._recv(conn, buf):
                     return None
             body, buf[:] = bytes(buf[:length]), buf[length:]
-        req = Request(method, path, headers, raw_headers, body, n)
+        req = Request(method, path, headers, raw_headers, body, n, head + b"\r\n\r\n")
         with self._lock:
             self.requests.append(req)
         return req

@@ -31,7 +31,10 @@ text = st.text(
 
 @st.composite
 def chunk(draw: Any) -> bytes:
-    kind = draw(st.sampled_from(["content"] * 6 + ["role", "finish", "usage", "reasoning", "tool", "bad", "typed", "ping", "logprobs"]))
+    kind = draw(st.sampled_from(
+        ["content"] * 6
+        + ["role", "finish", "usage", "reasoning", "tool", "bad", "typed", "ping", "logprobs", "choice1", "two_choices"]
+    ))
     if kind == "ping":
         return b": ping\n\n"
     if kind == "typed":
@@ -54,7 +57,11 @@ def chunk(draw: Any) -> bytes:
     elif kind == "logprobs":
         c0["delta"] = {"content": draw(text)}
         c0["logprobs"] = {"content": [{"token": "t", "logprob": -0.5}]}
-    if kind == "usage":
+    if kind in ("choice1", "two_choices"):  # n > 1: the general path keeps the choices apart
+        c0["delta"] = {"content": draw(text)}
+        c1 = {"finish_reason": None, "index": 1, "delta": {"content": draw(text)}}
+        top["choices"] = [c1] if kind == "choice1" else [c0, c1]
+    elif kind == "usage":
         top["choices"] = []
         top["usage"] = {"completion_tokens": 3}
     else:

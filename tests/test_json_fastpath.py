@@ -3,7 +3,9 @@
 Its contract is a predicate over bytes: accept exactly the payloads that the
 Python decoder's short path would take (``StreamDecoder.feed``: the payload
 decodes, ``obj["choices"][0]["delta"]["content"]`` is a non-empty str, the
-delta has one member, ``choices[0].get("finish_reason") is None``; and
+delta has one member, ``choices[0].get("finish_reason") is None``, ``choices``
+has exactly one element whose ``index`` is absent, null or the int 0, so that
+the general path keeps the choices of ``n > 1`` apart; and
 ``choices[0].get("logprobs") is None``, so the general path carries them) minus a few
 shapes it leaves to Python on purpose (top-level ``error``/``usage``/
 ``timings``), and return the same content string. The reference is orjson (the
@@ -123,11 +125,15 @@ def ref_content(payload: bytes) -> Optional[str]:
     """What the decoder's short path would emit for this payload, or None."""
     try:
         obj = ref_loads(payload)
-        c0 = obj["choices"][0]
+        choices = obj["choices"]
+        c0 = choices[0]
         delta = c0["delta"]
         content = delta["content"]
         if not (content.__class__ is str and content and len(delta) == 1 and c0.get("finish_reason") is None):
             return None
+        index = c0.get("index")
+        if len(choices) != 1 or not (index is None or (index.__class__ is int and index == 0)):
+            return None  # another choice, or several: the general path keeps them apart
         if c0.get("logprobs") is not None:
             return None  # log-probabilities are carried by the general path
     except _DECODE_ERRORS:
@@ -500,7 +506,7 @@ ACCEPT = [
     (chunk(finish=None), " world"),  # finish_reason absent
     (b'{"choices":[{"delta":{"content":"x"},"finish_reason":null}]}', "x"),  # delta before finish_reason
     (b' \t\r\n{ "choices" : [ { "delta" : { "content" : "x" } } ] } \n\r\t ', "x"),
-    (b'{"choices":[{"delta":{"content":"x"}},{"delta":{"content":"y"}},null,{"a":[1,{}]}]}', "x"),
+    (b'{"choices":[{"index":null,"delta":{"content":"x"}}]}', "x"),
     (chunk('"\\u0000"'), "\x00"),
     (chunk('"\x7f"'), "\x7f"),
     (chunk('"\\"\\\\\\/\\b\\f\\n\\r\\t"'), '"\\/\b\f\n\r\t'),
@@ -515,6 +521,7 @@ ACCEPT = [
     (chunk(top_extra=',"deep":' + "[" * 63 + "]" * 63), " world"),  # depth 64 with the top level
     (chunk(c0_extra=',"deep":' + "[" * 61 + "]" * 61), " world"),  # depth 3 + 61 = 64
     (chunk(top_extra="".join(',"k%d":0' % i for i in range(32 - 4))), " world"),  # 32 top-level keys
+    (b'{"choices":[{"index":-0,"delta":{"content":"x"}}]}', "x"),
 ]
 
 REJECT = [
@@ -550,6 +557,16 @@ REJECT = [
     (chunk(finish="false"), "finish_reason false"),
     (chunk(finish="0"), "finish_reason 0"),
     (chunk(finish="{}"), "finish_reason object"),
+    # several choices (n > 1): the general decoder keeps them apart
+    (b'{"choices":[{"delta":{"content":"x"}},{"delta":{"content":"y"}},null,{"a":[1,{}]}]}', "two choices"),
+    (b'{"choices":[{"index":0,"delta":{"content":"x"}},{"index":1,"delta":{"content":"y"}}]}', "two indexed choices"),
+    (b'{"choices":[{"index":1,"delta":{"content":"y"}}]}', "choice 1"),
+    (b'{"choices":[{"delta":{"content":"y"},"index":2}]}', "choice 2, index last"),
+    (b'{"choices":[{"index":0.0,"delta":{"content":"y"}}]}', "index a float"),
+    (b'{"choices":[{"index":0e0,"delta":{"content":"y"}}]}', "index an exponent"),
+    (b'{"choices":[{"index":false,"delta":{"content":"y"}}]}', "index false"),
+    (b'{"choices":[{"index":"0","delta":{"content":"y"}}]}', "index a string"),
+    (b'{"choices":[{"index":00,"delta":{"content":"y"}}]}', "index 00 (not JSON)"),
     # left to Python on purpose
     (chunk(top_extra=',"usage":{"total_tokens":3}'), "usage"),
     (chunk(top_extra=',"usage":null'), "usage null"),
