@@ -237,6 +237,12 @@ class Engine:
             if call is None or handle is None or call.idle_s is None:
                 continue
             n = handle.getinfo(pycurl.SIZE_DOWNLOAD_T) + handle.getinfo(pycurl.HEADER_SIZE)
+            if n == 0 and not handle.getinfo(pycurl.PRETRANSFER_TIME):
+                # Not sent yet (queued by max_host_connections, or still
+                # connecting: the connect timeout covers that): the idle clock
+                # starts when the request goes on the wire.
+                t._last_change = now
+                continue
             if n != t._last_n:
                 t._last_n = n
                 t._last_change = now
