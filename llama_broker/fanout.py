@@ -286,12 +286,17 @@ class Fanout:
         ready = self._ready
         try:
             while True:
-                self.fill(engine)
+                if not engine.closed:
+                    self.fill(engine)
                 while ready:
                     yield ready.popleft()
-                    self.fill(engine)
+                    if not engine.closed:
+                        self.fill(engine)
                 if self.finished:
                     return
+                if engine.closed:
+                    # the requests in flight came out above, each with its error
+                    raise ConfigError("this Broker was closed during map(): the requests not yet sent were dropped")
                 engine.drive(lambda: bool(ready), max_wait=self._wait_hint())
         finally:
             self._cut_all(engine)
