@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List
 from .config import ModelConfig
 from .decoder import StreamDecoder, StreamResult
 from .engine import AsyncEngine, Engine, SyncEngine, Transfer
-from .errors import BrokerError, ConfigError
+from .errors import BrokerError, ConfigError, TransportError
 
 __all__ = ["MapResult", "Fanout"]
 
@@ -296,7 +296,7 @@ class Fanout:
                     return
                 if engine.closed:
                     # the requests in flight came out above, each with its error
-                    raise ConfigError("this Broker was closed during map(): the requests not yet sent were dropped")
+                    raise TransportError("the Broker was closed during map(): the requests not yet sent were dropped")
                 engine.drive(lambda: bool(ready), max_wait=self._wait_hint())
         finally:
             self._cut_all(engine)

@@ -210,6 +210,20 @@ def test_requests_queued_by_max_host_connections_do_not_idle_time_out(srv: Loopb
     assert len({r.conn for r in srv.chat_requests()}) == 1
 
 
+def test_a_silent_server_still_idle_times_out_once_the_request_is_sent(srv: LoopbackServer) -> None:
+    # The other side of the rule above: on a reused connection too, a request
+    # on the wire that gets no byte times out.
+    silent = Reply(delay=5.0, headers=(("Content-Type", "text/event-stream"),), body=[DONE])
+    srv.script(ok(["a"]), silent)
+    with lb.Broker(cfg_for(srv, idle_timeout_ms=400), max_host_connections=1) as broker:
+        assert [d.content for d in broker.stream(MSGS) if d.content] == ["a"]
+        t0 = time.monotonic()
+        with pytest.raises(lb.TimeoutError_, match="idle timeout"):
+            list(broker.stream(MSGS))
+        assert time.monotonic() - t0 < 2
+    assert [r.conn for r in srv.chat_requests()] == [1, 1]
+
+
 # -- threads ----------------------------------------------------------------------------------
 
 
