@@ -485,7 +485,9 @@ class DeltaStream:
     Iterate it; use it as a context manager or call :meth:`close` to leave
     early. ``result`` is the :class:`StreamResult` once the stream ended.
     Deltas that arrived before an error are all yielded before the error is
-    raised.
+    raised. It may be read on another thread than the one that made it;
+    dropped while open, it closes its connection; if its Broker is closed
+    first, it raises a :class:`TransportError` saying so.
     """
 
     # queue: Deltas here; subclasses (native.EventStream) queue other decoded items

@@ -402,10 +402,10 @@ class SyncEngine(Engine):
 
     # -- start / stop ----------------------------------------------------------------
     def start(self, t: Transfer) -> None:
-        if self.closed:
-            raise ConfigError("this Broker is closed")
         self._enter()
         try:
+            if self.closed:
+                raise ConfigError("this Broker is closed")
             super().start(t)
         finally:
             self._leave()
