@@ -1,8 +1,11 @@
 """Broker: the one streaming path behind ``chat``, ``chat_stream`` and ``stream``.
 
 A :class:`Broker` owns a pool of pycurl easy handles (each keeps its
-keep-alive connections) and, for pulled streams, one ``CurlMulti``. It is
-not thread-safe: use one per thread. The module-level functions use a
+keep-alive connections) and, for pulled streams, one ``CurlMulti``. Its
+blocking and pulled calls may be used from several threads: a pulled stream
+may be consumed on another thread than the one that made it, and threads
+that pull at the same time take turns driving the multi handle. Its asyncio
+calls are bound to one event loop. The module-level functions use a
 per-thread default Broker, so the same thread reuses the same connections.
 
 ``chat_stream``/``chat`` run the transfer with ``easy.perform()``: curl's own
@@ -57,6 +60,9 @@ class Broker:
     ``cfg`` is the default :class:`ModelConfig`; each call may pass its own.
     ``max_host_connections`` caps connections per host for pulled streams
     (0: no cap). Use it as a context manager or call :meth:`close`.
+
+    Threads may share a Broker for the blocking and pulled calls (see the
+    module docstring); the asyncio calls belong to one event loop.
     """
 
     def __init__(
@@ -73,14 +79,17 @@ class Broker:
         self._sync: Optional[SyncEngine] = None
         self._async: Optional[AsyncEngine] = None  # the engine of the loop last used
         self._asyncs: List[AsyncEngine] = []  # every asyncio engine not yet closed, on any loop
-        self._orphans: List[Transfer] = []  # pulled streams dropped while open
+        self._sync_lock = threading.Lock()  # creating the SyncEngine
         self._closed = False
 
     # -- handles -------------------------------------------------------------
     def _acquire(self) -> "pycurl.Curl":
         if self._closed:
             raise ConfigError("this Broker is closed")
-        return self._idle.pop() if self._idle else pycurl.Curl()
+        try:
+            return self._idle.pop()  # atomic: threads may share the pool
+        except IndexError:
+            return pycurl.Curl()
 
     def _release(self, handle: "pycurl.Curl") -> None:
         if len(self._idle) < self.pool_size and not self._closed:
@@ -227,15 +236,14 @@ class Broker:
     def _sync_engine(self) -> SyncEngine:
         eng = self._sync
         if eng is None:
-            if self._closed:
-                raise ConfigError("this Broker is closed")
-            eng = self._sync = SyncEngine(self._acquire, self._release)
-            eng.set_max_host_connections(self.max_host_connections)
-        if self._orphans:
-            for t in self._orphans:
-                if t.engine is not None:
-                    t.engine.cut(t)
-            self._orphans.clear()
+            with self._sync_lock:
+                if self._closed:
+                    raise ConfigError("this Broker is closed")
+                eng = self._sync
+                if eng is None:
+                    eng = SyncEngine(self._acquire, self._release)
+                    eng.set_max_host_connections(self.max_host_connections)
+                    self._sync = eng
         return eng
 
     def _delta_transfer(self, cfg: ModelConfig, body: bytes, queue: "Deque[Delta]") -> Transfer:
@@ -404,7 +412,6 @@ class Broker:
         for aeng in asyncs:
             aeng.close("the Broker was closed")
         self._sync = self._async = None
-        self._orphans.clear()
         for h in self._idle:
             h.close()
         self._idle.clear()
@@ -443,7 +450,9 @@ class DeltaStream:
     Iterate it; use it as a context manager or call :meth:`close` to leave
     early. ``result`` is the :class:`StreamResult` once the stream ended.
     Deltas that arrived before an error are all yielded before the error is
-    raised.
+    raised. It may be read on another thread than the one that made it;
+    dropped while open, it closes its connection; if its Broker is closed
+    first, it raises a :class:`TransportError` saying so.
     """
 
     # queue: Deltas here; subclasses (native.EventStream) queue other decoded items
@@ -500,12 +509,16 @@ class DeltaStream:
         self.close()
 
     def __del__(self) -> None:
-        # A finalizer may run inside a curl callback (garbage collection can
-        # happen anywhere), where the multi handle must not be touched: hand
-        # the transfer to the Broker, which cuts it at its next turn.
+        # Dropped while open: close the connection now. A finalizer may run
+        # anywhere (inside a curl callback, on another thread): the engine
+        # then cuts it at the end of the turn that is running.
         t = self.__dict__.get("_t")
-        if t is not None and not t.done:
-            self._broker._orphans.append(t)
+        eng = self.__dict__.get("_engine")
+        if t is not None and eng is not None and not t.done:
+            try:
+                eng.drop(t)
+            except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to close
+                pass
 
 
 class AsyncDeltaStream:

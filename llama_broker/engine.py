@@ -3,9 +3,10 @@
 A :class:`Transfer` is one request (with its retries) that runs on a multi
 handle. Two engines drive them, sharing the bookkeeping in :class:`Engine`:
 
-* :class:`SyncEngine` — ``multi.perform()`` + ``select()``, run only when the
-  caller asks (a pulled ``DeltaStream`` wants its next delta, ``map()`` wants
-  its next result). No threads.
+* :class:`SyncEngine` — curl's socket and timer callbacks, ``poll()`` and
+  ``socket_action``, run only when the caller asks (a pulled ``DeltaStream``
+  wants its next delta, ``map()`` wants its next result). No threads; safe
+  to drive from several threads (they take turns).
 * :class:`AsyncEngine` — curl's socket and timer callbacks wired to the
   running asyncio loop (``add_reader``/``add_writer``/``call_later``): curl
   is entered only when a socket is ready or a timer fires. No threads, no
@@ -18,14 +19,17 @@ transfer that delivered output is never sent again.
 from __future__ import annotations
 
 import asyncio
+import select
+import socket
+import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pycurl
 
 from .config import ModelConfig
 from .decoder import StreamDecoder, StreamResult
-from .errors import BrokerError, TimeoutError_, TransportError
+from .errors import BrokerError, ConfigError, TimeoutError_, TransportError
 from .policy import retry_delay
 from .transport import Call
 
@@ -256,6 +260,12 @@ class Engine:
             if call is None or handle is None or call.idle_s is None:
                 continue
             n = handle.getinfo(pycurl.SIZE_DOWNLOAD_T) + handle.getinfo(pycurl.HEADER_SIZE)
+            if n == 0 and not handle.getinfo(pycurl.PRETRANSFER_TIME):
+                # Not sent yet (queued by max_host_connections, or still
+                # connecting: the connect timeout covers that): the idle clock
+                # starts when the request goes on the wire.
+                t._last_change = now
+                continue
             if n != t._last_n:
                 t._last_n = n
                 t._last_change = now
@@ -277,7 +287,20 @@ class Engine:
 
 
 class SyncEngine(Engine):
-    """Drives its transfers only when :meth:`drive` is called."""
+    """Drives its transfers only when :meth:`drive` is called.
+
+    curl says which sockets to watch through its socket callback and when to
+    call back through its timer callback; :meth:`drive` waits on those
+    sockets with ``poll()`` (no limit on descriptor numbers, unlike
+    ``select()``) and hands what is ready to ``socket_action``.
+
+    Threads: one thread at a time runs curl (it holds the *turn*). A thread
+    that wants the next delta while another one drives waits for that turn
+    to end (the driver reads every socket, so it delivers that thread's data
+    too); :meth:`start`, :meth:`cut` and :meth:`close` wake a waiting driver
+    through a socket pair and take the next turn. So streams may be consumed
+    on other threads than the one that made them, even concurrently.
+    """
 
     #: how often the idle timeout is checked while transfers run
     WATCH_S = 0.25
@@ -285,12 +308,162 @@ class SyncEngine(Engine):
     def __init__(self, acquire: Callable[[], "pycurl.Curl"], release: Callable[["pycurl.Curl"], None]) -> None:
         super().__init__(acquire, release)
         self._retries: List[Any] = []  # [retry_at, transfer]
-        self._running = 0
         self._next_watch = 0.0
+        self.closed = False
+        # curl -> us: the sockets to watch (fd -> POLL_*) and when to call back
+        self._socks: Dict[int, int] = {}
+        self._timer_at: Optional[float] = None
+        self._poll = select.poll() if hasattr(select, "poll") else None
+        # the turn (see the class docstring); an RLock, because a finalizer
+        # may run on a thread that is inside one of these sections
+        self._cv = threading.Condition(threading.RLock())
+        self._owner: Optional[int] = None
+        self._depth = 0
+        self._wanted = 0  # threads waiting to start, cut or close
+        self._in_curl = False  # inside socket_action: no multi call may be made
+        self._dropped: List[Transfer] = []  # cut at the end of the current turn
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        if self._poll is not None:
+            self._poll.register(self._wake_r.fileno(), select.POLLIN)
+        self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
+        self.multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
 
+    # -- curl -> us ------------------------------------------------------------
+    def _on_socket(self, what: int, fd: int, multi: Any, socketp: Any) -> None:
+        p = self._poll
+        if what == pycurl.POLL_REMOVE:
+            self._socks.pop(fd, None)
+            if p is not None:
+                try:
+                    p.unregister(fd)
+                except KeyError:
+                    pass
+            return
+        self._socks[fd] = what
+        if p is not None:
+            mask = 0
+            if what in (pycurl.POLL_IN, pycurl.POLL_INOUT):
+                mask |= select.POLLIN | select.POLLPRI
+            if what in (pycurl.POLL_OUT, pycurl.POLL_INOUT):
+                mask |= select.POLLOUT
+            p.register(fd, mask)  # registers or modifies
+
+    def _on_timer(self, timeout_ms: int) -> None:
+        self._timer_at = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000.0
+
+    # -- the turn ------------------------------------------------------------------
+    def _enter(self, ready: Optional[Callable[[], bool]] = None, max_wait: float = 0.0) -> bool:
+        """Take the turn (re-entrant). With ``ready`` (a driver): give up and
+        return False when ``ready()`` becomes true or ``max_wait`` passes while
+        another thread has it. Without: wake the driver and wait for the turn."""
+        me = threading.get_ident()
+        cv = self._cv
+        with cv:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            if ready is not None:
+                deadline = time.monotonic() + max_wait
+                while self._owner is not None or self._wanted:
+                    if ready():
+                        return False
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    cv.wait(left)
+            else:
+                self._wanted += 1
+                try:
+                    while self._owner is not None:
+                        self._wake()
+                        cv.wait(0.5)
+                finally:
+                    self._wanted -= 1
+            self._owner = me
+            self._depth = 1
+            return True
+
+    def _leave(self) -> None:
+        """End the turn; cut the transfers dropped meanwhile first."""
+        cv = self._cv
+        with cv:
+            if self._depth > 1:
+                self._depth -= 1
+                return
+        try:
+            while True:
+                with cv:  # the last check and the release are one step: see drop()
+                    dropped = self._dropped
+                    if not dropped or self.closed:
+                        dropped.clear()
+                        self._release_turn()
+                        return
+                    self._dropped = []
+                for t in dropped:
+                    Engine.cut(self, t)
+        except BaseException:
+            with cv:
+                self._release_turn()
+            raise
+
+    def _release_turn(self) -> None:
+        self._owner = None
+        self._depth = 0
+        self._cv.notify_all()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # full (a wake-up is pending anyway) or closed
+            pass
+
+    # -- start / stop ----------------------------------------------------------------
     def start(self, t: Transfer) -> None:
-        super().start(t)
-        self._running += 1  # so that drive() reads curl's messages when it ends
+        self._enter()
+        try:
+            if self.closed:
+                raise ConfigError("this Broker is closed")
+            super().start(t)
+        finally:
+            self._leave()
+
+    def cut(self, t: Transfer) -> None:
+        if t.done:
+            return
+        with self._cv:
+            if self._owner == threading.get_ident() and self._in_curl:
+                # called from inside curl (a finalizer, a generator closed by
+                # the garbage collector): the multi handle cannot be touched now
+                self._dropped.append(t)
+                return
+        self._enter()
+        try:
+            super().cut(t)
+        finally:
+            self._leave()
+
+    def drop(self, t: Transfer) -> None:
+        """Cut ``t`` for a finalizer: now if nobody drives, else at the end of the
+        current turn (the driver, on this thread or another, is woken for it).
+        Never blocks."""
+        if t.done:
+            return
+        with self._cv:
+            if self.closed:
+                return
+            if self._owner is not None:
+                self._dropped.append(t)
+                if self._owner != threading.get_ident():
+                    self._wake()
+                return
+            self._owner = threading.get_ident()
+            self._depth = 1
+        try:
+            Engine.cut(self, t)
+        finally:
+            self._leave()
 
     def schedule_retry(self, t: Transfer, delay: float) -> None:
         self._retries.append([time.monotonic() + delay, t])
@@ -298,18 +471,71 @@ class SyncEngine(Engine):
     def _forget_retry(self, t: Transfer) -> None:
         self._retries = [r for r in self._retries if r[1] is not t]
 
+    def close(self) -> None:
+        """End every transfer with an error saying the Broker was closed (their
+        streams raise it, ``map()`` reports it) and close the multi handle."""
+        self._enter()
+        try:
+            if self.closed:
+                return
+            self.closed = True
+            pending = list(self.active.values()) + [r[1] for r in self._retries]
+            self._retries = []
+            for t in pending:
+                if t.done:
+                    continue
+                nbytes = 0
+                if t.handle is not None:
+                    try:
+                        nbytes = int(t.handle.getinfo(pycurl.SIZE_DOWNLOAD_T))
+                    except pycurl.error:  # pragma: no cover
+                        pass
+                self._detach(t, reuse=False)
+                t._finish(
+                    TransportError(
+                        f"the Broker was closed while this request was in flight ({nbytes} bytes received)",
+                        bytes_received=nbytes,
+                        delivered=t.delivered,
+                    )
+                )
+            self.multi.close()
+            self._socks.clear()
+            self._wake_r.close()
+            self._wake_w.close()
+        finally:
+            self._leave()
+
+    # -- driving -------------------------------------------------------------------
+    def _act(self, fd: int, events: int) -> None:
+        m = self.multi
+        self._in_curl = True
+        try:
+            while True:
+                ret, _ = m.socket_action(fd, events)
+                if ret != pycurl.E_CALL_MULTI_PERFORM:
+                    break
+        finally:
+            self._in_curl = False
+        self.collect()
+
     def drive(self, ready: Callable[[], bool], max_wait: float = 1.0) -> None:
         """One turn: run curl, finish what is done, start due retries, and wait
-        (at most ``max_wait`` s) for sockets unless ``ready()`` is already true."""
-        m = self.multi
-        while True:
-            ret, running = m.perform()
-            if ret != pycurl.E_CALL_MULTI_PERFORM:
-                break
-        if running != self._running:  # some transfer ended: read curl's messages
-            self.collect()
-            self._running = len(self.active)
+        (at most ``max_wait`` s) for sockets unless ``ready()`` is already true.
+        If another thread is driving, wait (as long) for its turn to end instead."""
+        if not self._enter(ready, max_wait):
+            return
+        try:
+            if not self.closed:
+                self._turn(ready, max_wait)
+        finally:
+            self._leave()
+
+    def _turn(self, ready: Callable[[], bool], max_wait: float) -> None:
         now = time.monotonic()
+        if self._timer_at is not None and self._timer_at <= now:
+            self._timer_at = None
+            self._act(pycurl.SOCKET_TIMEOUT, 0)
+            now = time.monotonic()
         if now >= self._next_watch:
             self._next_watch = now + self.WATCH_S
             self.check_idle(now)
@@ -324,21 +550,61 @@ class SyncEngine(Engine):
                         self.start(t)
                     except BaseException as e:  # noqa: BLE001 - handed to the transfer
                         t._finish(e)
-        if ready():
+        if ready() or self._wanted:
             return
         wait = max_wait
-        timeout_ms = m.timeout()
-        if timeout_ms >= 0:
-            wait = min(wait, timeout_ms / 1000.0)
+        if self._timer_at is not None:
+            wait = min(wait, self._timer_at - now)
         if self._retries:
-            wait = min(wait, max(0.0, min(r[0] for r in self._retries) - now))
-        wait = min(wait, max(0.0, self._next_watch - now))
+            wait = min(wait, min(r[0] for r in self._retries) - now)
+        wait = min(wait, self._next_watch - now)
         if wait <= 0:
             return
-        if self.active:
-            m.select(wait)
-        else:
-            time.sleep(wait)  # nothing to select on (only retries or rests pending)
+        for fd, events in self._wait(wait):
+            self._act(fd, events)
+
+    def _wait(self, wait: float) -> List[Tuple[int, int]]:
+        """Wait up to ``wait`` s for curl's sockets (or a wake-up); the ready
+        ones as (fd, CSELECT_* bits)."""
+        wake = self._wake_r.fileno()
+        out: List[Tuple[int, int]] = []
+        if self._poll is not None:
+            for fd, rev in self._poll.poll(max(1, int(wait * 1000 + 0.999))):
+                if fd == wake:
+                    self._drain_wake()
+                    continue
+                if rev & select.POLLNVAL:  # closed behind our back: stop watching it
+                    self._poll.unregister(fd)
+                    self._socks.pop(fd, None)
+                    continue
+                ev = 0
+                if rev & (select.POLLIN | select.POLLPRI | select.POLLHUP):
+                    ev |= pycurl.CSELECT_IN
+                if rev & select.POLLOUT:
+                    ev |= pycurl.CSELECT_OUT
+                if rev & select.POLLERR:
+                    ev |= pycurl.CSELECT_ERR
+                out.append((fd, ev))
+            return out
+        # no poll() (Windows): select() there has no limit on descriptor numbers
+        rd = [fd for fd, w in self._socks.items() if w in (pycurl.POLL_IN, pycurl.POLL_INOUT)] + [wake]
+        wr = [fd for fd, w in self._socks.items() if w in (pycurl.POLL_OUT, pycurl.POLL_INOUT)]
+        r, w, x = select.select(rd, wr, wr, wait)
+        if wake in r:
+            self._drain_wake()
+        for fd in set(r) | set(w) | set(x):
+            if fd == wake:
+                continue
+            ev = (pycurl.CSELECT_IN if fd in r else 0) | (pycurl.CSELECT_OUT if fd in w else 0)
+            out.append((fd, ev | (pycurl.CSELECT_ERR if fd in x else 0)))
+        return out
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:  # drained (would block)
+            pass
 
 
 class AsyncEngine(Engine):

@@ -39,7 +39,7 @@ from typing import Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List
 from .config import ModelConfig, mask_url
 from .decoder import StreamDecoder, StreamResult
 from .engine import AsyncEngine, Engine, SyncEngine, Transfer
-from .errors import BrokerError, ConfigError
+from .errors import BrokerError, ConfigError, TransportError
 from .policy import backoff_s, encode_chat_body, retriable, retry_after_s
 
 __all__ = ["MapResult", "Fanout"]
@@ -359,12 +359,17 @@ class Fanout:
         ready = self._ready
         try:
             while True:
-                self.fill(engine)
+                if not engine.closed:
+                    self.fill(engine)
                 while ready:
                     yield ready.popleft()
-                    self.fill(engine)
+                    if not engine.closed:
+                        self.fill(engine)
                 if self.finished:
                     return
+                if engine.closed:
+                    # the requests in flight came out above, each with its error
+                    raise TransportError("the Broker was closed during map(): the requests not yet sent were dropped")
                 engine.drive(lambda: bool(ready), max_wait=self._wait_hint())
         finally:
             self._cut_all(engine)

@@ -953,8 +953,8 @@ def _json_default(o: Any) -> Any:
 
 class _Engine:
     """The blocking operations behind :class:`OpenAI`: one Broker per thread, so a
-    client can be shared by threads as the SDK's can (a stream stays on the
-    thread that opened it)."""
+    client can be shared by threads as the SDK's can (a stream may be read on
+    another thread than the one that opened it)."""
 
     def __init__(self, opts: _Options) -> None:
         self.opts = opts

@@ -58,6 +58,9 @@ def test_keyboard_interrupt_in_on_delta_closes_and_leaves_broker_usable() -> Non
 _SIGINT_CHILD = textwrap.dedent(
     """
     import json, os, signal, sys, threading, time
+    # A process started in the background (nohup, some CI runners) inherits
+    # SIGINT as ignored; Ctrl-C is what this child tests, so take it back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {here!r})
     import llama_broker as lb
     from loopback import LoopbackServer, Stall, events, ok, sse
