@@ -15,7 +15,10 @@ client's, same rounds: how many times less CPU), "core @ rate" (the share of
 one core this client needs for that many streams at the nominal token rate:
 CPU per token × streams × tokens/s per stream), "server core" (the stream
 server's CPU share during the run: it must stay well below 100% for the
-figures to mean anything) and a note. Then the targets the project aims at,
+figures to mean anything), "server late" (how late the server's pacer sent
+each token on average: scheduling delay on a busy machine, or a server that
+cannot keep up — late tokens arrive bunched, and a client reads several per
+wake-up) and a note. Then the targets the project aims at,
 with where this run stands (reported, not checked), and the real
 llama-server table if ``test_real.py`` ran.
 
@@ -70,13 +73,18 @@ def _pct(x: Optional[float]) -> str:
     return "–" if x is None else f"{x * 100:.0f}%" if x >= 0.1 else f"{x * 100:.1f}%"
 
 
+def _late(us: Optional[float]) -> str:
+    return "–" if us is None else f"{us / 1000:.1f} ms" if us >= 1000 else f"{us:.0f} µs"
+
+
 def paced_table(shapes: List[dict]) -> str:
     """The paced streams: one row per (gap, streams, client), cheapest first within a shape."""
     if not shapes:
         return ""
     out = [
-        "| gap | streams | client | tokens/stream | wall s (ideal) | CPU µs/token | × floor | × SDK | core @ rate | server core | note |",
-        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| gap | streams | client | tokens/stream | wall s (ideal) | CPU µs/token | × floor | × SDK | core @ rate "
+        "| server core | server late | note |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for sh in sorted(shapes, key=lambda s: (s["streams"], s["gap_ms"])):
         rate = sh["streams"] * 1000 / sh["gap_ms"]
@@ -86,10 +94,10 @@ def paced_table(shapes: List[dict]) -> str:
                 f"| {sh['gap_ms']} ms | {sh['streams']} | {name} | {r['tokens_per_stream']:,} | "
                 f"{r['wall_s']:.2f} ({r['wall_ideal_s']:.2f}) | {_fmt_us(cpu)} | {_fmt_ratio(r.get('x_floor'))} | "
                 f"{_fmt_ratio(r.get('x_sdk'))} | {_pct(cpu * rate / 1e6)} | {_pct(r.get('server_core'))} | "
-                f"{r.get('note', '')} |"
+                f"{_late(r.get('pacer_late_mean_us'))} | {r.get('note', '')} |"
             )
         for name, why in (sh.get("skipped") or {}).items():
-            out.append(f"| {sh['gap_ms']} ms | {sh['streams']} | {name} | | | | | | | | skipped: {why} |")
+            out.append(f"| {sh['gap_ms']} ms | {sh['streams']} | {name} | | | | | | | | | skipped: {why} |")
     return "\n".join(out)
 
 
