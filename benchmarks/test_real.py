@@ -10,12 +10,14 @@ Every reply is ``LB_BENCH_REAL_TOKENS`` tokens (default 250; short: 100):
 ``temperature: 0`` with a fixed seed. After each run the server's own count
 (``llamacpp:tokens_predicted_total`` on ``/metrics``, the server runs with
 ``--metrics``) must have grown by exactly streams × tokens, and every reply
-must equal a reference reply (``llama_broker.chat``, same request, before the
-rounds). The requests turn the prompt cache off (``cache_prompt: false``): a
-cached prompt changes the arithmetic and, past the end-of-sequence token where
-the choice is close, the greedy reply. ``LB_BENCH_REAL_SAME_TEXT=0`` relaxes
-the text check to non-empty, for a build or model whose greedy replies are
-not repeatable.
+must be non-empty; with one stream it must equal a reference reply
+(``llama_broker.chat``, same request, before the rounds). The requests turn
+the prompt cache off (``cache_prompt: false``): a cached prompt changes the
+arithmetic and, past the end-of-sequence token where the choice is close, the
+greedy reply. Slots decoded in one batch are not repeatable bit for bit
+either, so the 4-stream replies are checked by the token count alone.
+``LB_BENCH_REAL_SAME_TEXT=0`` relaxes the 1-stream check to non-empty, for a
+build or model whose greedy replies are not repeatable.
 
 Clients (the same code as ``_paced.py``), turns taken within each round:
 
@@ -115,7 +117,7 @@ def test_real_server(benchmark, llama, reference, monkeypatch, streams):
         assert isinstance(out, list) and len(out) == streams, f"want {streams} replies, got {out!r:.200}"
         for i, text in enumerate(out):
             assert isinstance(text, str) and text, f"stream {i}: empty reply"
-            if SAME_TEXT:
+            if SAME_TEXT and streams == 1:
                 assert text == reference, (
                     f"stream {i}: the reply differs from the reference ({len(text)} vs {len(reference)} chars; "
                     f"LB_BENCH_REAL_SAME_TEXT=0 to accept it): {text[:80]!r} vs {reference[:80]!r}"
