@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from ._harness import N, PACE_GAP_US, PACED_N, ROUNDS, SDK_N, SHORT
@@ -12,7 +14,9 @@ def pytest_report_header(config):
     return (
         f"llama_broker benchmarks: events={N} (openai SDK: {SDK_N}; paced mode: {PACED_N}, gap {PACE_GAP_US} us), "
         f"rounds={ROUNDS}{', short mode' if SHORT else ''}; "
-        "set LB_BENCH_EVENTS / LB_BENCH_SHORT=1 / LB_BENCH_ROUNDS"
+        "set LB_BENCH_EVENTS / LB_BENCH_SHORT=1 / LB_BENCH_ROUNDS; "
+        "paced suite (test_paced.py): LB_BENCH_PACED_GAPS_MS / _STREAMS / _TOKENS / _ROUNDS / _CLIENTS; "
+        f"real llama-server (test_real.py): {'on' if os.environ.get('LB_BENCH_REAL', '') not in ('', '0') else 'off, LB_BENCH_REAL=1 to run'}"
     )
 
 

@@ -26,13 +26,26 @@ parameters ``mode`` and ``n`` (which win). Modes:
     as the server can write (a client that falls behind reads several
     events at once).
 ``paced``
-    like ``event``, with a sleep of ``bench_gap_us`` (query ``gap_us``,
-    default 50; Python's sleep adds ~70 us) after each write: a client that
-    keeps up gets one event per read, as from a real llama-server.
+    like ``event``, one event every ``bench_gap_us`` (query ``gap_us``,
+    default 50): a client that keeps up gets one event per read, as from a
+    real llama-server. Below 1 ms the connection's thread sleeps after each
+    write (Python's sleep adds ~70 us). From 1 ms up (the real regime: a
+    token every 5-30 ms) the stream goes to the *pacer*: one thread that
+    sends every paced stream's events on an absolute schedule (no drift),
+    non-blocking, so hundreds of concurrent streams cost it one wake-up per
+    due time, not a thread wake-up per event. ``bench_phase`` (query
+    ``phase``) places the stream's ticks: ``spread`` (default: each stream
+    starts at its own pseudo-random offset within the gap, so tokens of
+    different streams arrive at different times, as from independent
+    servers) or ``aligned`` (every stream ticks on one clock grid, as the
+    slots of one llama-server that decodes them in a batch).
 
 Responses are rendered once per ``(mode, n)`` and cached (a few at a time), so
 serving costs the server little CPU. ``GET /warm?mode=…&n=…`` renders ahead of
-time; ``GET /health`` answers ``{"status":"ok"}``.
+time; ``GET /health`` answers ``{"status":"ok"}``; ``GET /stats`` (``?reset=1``
+to zero the counters) the server process's CPU seconds and the pacer's
+counters: events sent, how late they went out (mean, max, how many over
+1 ms), streams in flight.
 
 Run it in its own process so that client CPU is measured alone::
 
@@ -47,6 +60,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import heapq
+import itertools
 import json
 import socket
 import subprocess
@@ -71,6 +86,9 @@ __all__ = [
 MODES = ("bulk", "event", "paced")
 DEFAULT_GAP_US = 50
 MAX_GAP_US = 1_000_000
+#: paced streams with a gap from here up go to the pacer thread (below: a sleep per write)
+PACER_MIN_GAP_US = 1000
+PHASES = ("spread", "aligned")
 PIECE = 64 * 1024  # bulk write size
 MAX_EVENTS = 5_000_000
 MAX_HEADER_BYTES = 64 * 1024
@@ -192,6 +210,171 @@ class _Response:
         ).encode()
 
 
+def _ticks(head: bytes, writes: List[bytes]) -> List[bytes]:
+    """A paced response as one ``send`` per tick.
+
+    ``writes`` are ``[role, content × n, finish, [DONE], terminating chunk]``
+    (already chunk-framed). Tick 0 is the headers and the role event, tick
+    ``k`` the ``k``-th content event; the last content tick also carries the
+    finish event, ``[DONE]`` and the terminating chunk, as llama-server sends
+    them right after the last token. So a client that keeps up wakes ``n + 1``
+    times for ``n`` tokens.
+    """
+    n = len(writes) - 4
+    if n <= 0:
+        return [head + b"".join(writes)]
+    ticks = [head + writes[0]] + writes[1 : 1 + n]
+    ticks[-1] = ticks[-1] + b"".join(writes[1 + n :])
+    return ticks
+
+
+class _PacedStream:
+    """One stream in the pacer's hands: its ticks, its schedule, its connection."""
+
+    __slots__ = ("conn", "ticks", "k", "t0", "base", "gap", "pending", "done", "error", "cancelled")
+
+    def __init__(self, conn: socket.socket, ticks: List[bytes], t0: float, base: float, gap: float) -> None:
+        self.conn = conn
+        self.ticks = ticks
+        self.k = 0  # the next tick to send
+        self.t0 = t0  # tick 0 (headers + role) is due then
+        self.base = base  # tick 1 (the first token) is due then; tick k at base + (k - 1) * gap
+        self.gap = gap
+        self.pending = b""  # the part of a tick the socket did not take yet
+        self.done = threading.Event()
+        self.error: Optional[BaseException] = None
+        self.cancelled = False
+
+    def due(self, k: int) -> float:
+        return self.t0 if k == 0 else self.base + (k - 1) * self.gap
+
+
+class _Pacer:
+    """One thread that sends the ticks of every paced stream when they are due.
+
+    A heap of ``(due time, seq, stream)``; the thread sleeps on a condition
+    until the earliest due time (or a new stream), sends every due tick with a
+    non-blocking ``send``, and pushes each stream back with its next due time.
+    The schedule is absolute (tick ``k`` is due at ``base + (k-1)·gap``), so a
+    late tick does not shift the ones after it. A socket that does not take a
+    whole tick (a client that stopped reading) is retried every millisecond,
+    the other streams unaffected.
+    """
+
+    RETRY_S = 0.001
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: List[Tuple[float, int, _PacedStream]] = []
+        self._seq = itertools.count()
+        self._thread: Optional[threading.Thread] = None
+        self._closed = False
+        self._active = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the counters (the streams in flight stay)."""
+        self.sent = 0
+        self.late_sum = 0.0
+        self.late_max = 0.0
+        self.late_over_1ms = 0
+        self.wakeups = 0
+
+    def stats(self) -> dict:
+        return {
+            "paced_ticks": self.sent,
+            "paced_wakeups": self.wakeups,
+            "paced_late_mean_us": self.late_sum / self.sent * 1e6 if self.sent else 0.0,
+            "paced_late_max_us": self.late_max * 1e6,
+            "paced_late_over_1ms": self.late_over_1ms,
+            "paced_active": self._active,
+        }
+
+    def add(self, st: _PacedStream) -> None:
+        with self._cond:
+            if self._closed:
+                raise OSError("the pacer is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="streamserver-pacer", daemon=True)
+                self._thread.start()
+            self._active += 1
+            heapq.heappush(self._heap, (st.due(0), next(self._seq), st))
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            for _, _, st in self._heap:
+                st.error = OSError("server closed")
+                st.done.set()
+            self._heap.clear()
+            self._cond.notify()
+
+    def _finish(self, st: _PacedStream) -> None:
+        with self._cond:
+            self._active -= 1
+        st.done.set()
+
+    def _run(self) -> None:
+        heap, cond, seq = self._heap, self._cond, self._seq
+        while True:
+            with cond:
+                while True:
+                    if self._closed:
+                        return
+                    now = time.monotonic()
+                    if heap and heap[0][0] <= now:
+                        break
+                    cond.wait(heap[0][0] - now if heap else None)
+                due = []
+                while heap and heap[0][0] <= now:
+                    due.append(heapq.heappop(heap))
+            self.wakeups += 1
+            again = []
+            for when, _, st in due:
+                nxt = self._step(st, when)
+                if nxt is not None:
+                    again.append((nxt, next(seq), st))
+            if again:
+                with cond:
+                    for item in again:
+                        heapq.heappush(heap, item)
+
+    def _step(self, st: _PacedStream, when: float) -> Optional[float]:
+        """Send ``st``'s due tick (or the rest of it); its next due time, or None when it is over."""
+        if st.cancelled:
+            self._finish(st)
+            return None
+        if st.pending:
+            data = st.pending
+        else:
+            data = st.ticks[st.k]
+            late = time.monotonic() - when
+            self.sent += 1
+            self.late_sum += late
+            if late > self.late_max:
+                self.late_max = late
+            if late > 0.001:
+                self.late_over_1ms += 1
+        try:
+            sent = st.conn.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:  # the client went away
+            st.error = e
+            self._finish(st)
+            return None
+        if sent < len(data):
+            st.pending = data[sent:]
+            return time.monotonic() + self.RETRY_S
+        st.pending = b""
+        st.k += 1
+        if st.k >= len(st.ticks):
+            self._finish(st)
+            return None
+        return st.due(st.k)
+
+
 class _BadRequest(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -220,6 +403,8 @@ class StreamServer:
         self._cache_lock = threading.Lock()
         self._closed = False
         self._thread: Optional[threading.Thread] = None
+        self._pacer = _Pacer()
+        self._streams = itertools.count()  # paced streams started (their phase)
         self.requests = 0
 
     # -- lifecycle ---------------------------------------------------------
@@ -230,6 +415,7 @@ class StreamServer:
 
     def close(self) -> None:
         self._closed = True
+        self._pacer.close()
         try:
             self._sock.close()
         except OSError:
@@ -344,6 +530,11 @@ class StreamServer:
         try:
             if path == "/health":
                 return self._send_json(conn, 200, {"status": "ok"}, keep)
+            if path == "/stats":
+                if query.get("reset", "0") not in ("", "0"):
+                    self._pacer.reset()
+                stats = {"cpu_s": time.process_time(), "threads": threading.active_count(), **self._pacer.stats()}
+                return self._send_json(conn, 200, stats, keep)
             if path == "/warm":
                 resp = self.response(query.get("mode", "bulk"), _int(query.get("n", "1000")))
                 return self._send_json(conn, 200, resp.info, keep)
@@ -361,14 +552,20 @@ class StreamServer:
             n = _int(query["n"]) if "n" in query else req.get("bench_events", 1000)
             resp = self.response(mode, n)
             gap = _int(query["gap_us"]) if "gap_us" in query else req.get("bench_gap_us", DEFAULT_GAP_US)
+            phase = query.get("phase", req.get("bench_phase", "spread"))
             if mode != "paced":
                 gap = 0
             elif isinstance(gap, bool) or not isinstance(gap, int) or not 0 <= gap <= MAX_GAP_US:
                 raise _BadRequest(400, f"bench_gap_us must be an int in 0..{MAX_GAP_US}, got {gap!r}")
+            if phase not in PHASES:
+                raise _BadRequest(400, f"bench_phase must be one of {PHASES}, got {phase!r}")
         except _BadRequest as e:
             self._send_error(conn, e.status, e.message, keep)
             return keep
-        conn.sendall(resp.head + (b"Connection: keep-alive\r\n\r\n" if keep else b"Connection: close\r\n\r\n"))
+        head = resp.head + (b"Connection: keep-alive\r\n\r\n" if keep else b"Connection: close\r\n\r\n")
+        if gap >= PACER_MIN_GAP_US:
+            return self._paced(conn, head, resp, gap / 1e6, phase) and keep
+        conn.sendall(head)
         send = conn.sendall
         if gap:
             pause = gap / 1e6
@@ -379,6 +576,27 @@ class StreamServer:
             for w in resp.writes:
                 send(w)
         return keep
+
+    def _paced(self, conn: socket.socket, head: bytes, resp: _Response, gap: float, phase: str) -> bool:
+        """Hand the stream to the pacer and wait until it is sent; False if the connection is unusable."""
+        t0 = time.monotonic()
+        if phase == "aligned":  # the first token on the next multiple of the gap: one grid for all streams
+            base = (int(t0 / gap) + 1) * gap
+        else:  # a low-discrepancy offset within the gap: streams started together tick apart
+            base = t0 + (next(self._streams) * 0.6180339887498949) % 1.0 * gap
+        st = _PacedStream(conn, _ticks(head, resp.writes), t0, base, gap)
+        conn.setblocking(False)
+        try:
+            self._pacer.add(st)
+        except OSError:
+            return False
+        # bounded: the schedule's length plus the idle timeout for a client that stopped reading
+        finished = st.done.wait(timeout=len(st.ticks) * gap + IDLE_TIMEOUT_S)
+        if not finished:
+            st.cancelled = True
+            return False
+        conn.settimeout(IDLE_TIMEOUT_S)
+        return st.error is None
 
     def _send_json(self, conn: socket.socket, status: int, obj: object, keep: bool = False) -> bool:
         data = json.dumps(obj).encode()
