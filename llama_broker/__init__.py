@@ -20,6 +20,7 @@ from .errors import (
     TransportError,
 )
 from .native import ChatReply, ToolCall, chat_completion
+from .embeddings import aembed, embed, rerank
 from .sse import Event, EventSplitter
 
 __version__ = "0.1.0"
@@ -33,6 +34,9 @@ __all__ = [
     "ChatReply",
     "ToolCall",
     "chat_completion",
+    "aembed",
+    "embed",
+    "rerank",
     "MapResult",
     "achat",
     "astream",

@@ -61,6 +61,7 @@ class Transfer:
         "on_chunk",
         "engine",
         "tag",
+        "streaming",
         "_last_n",
         "_last_change",
     )
@@ -75,6 +76,7 @@ class Transfer:
         retry: bool = True,
         url: Optional[str] = None,
         tag: Any = None,
+        streaming: bool = True,
     ) -> None:
         self.cfg = cfg
         self.body = body
@@ -95,6 +97,9 @@ class Transfer:
         self.on_chunk: Optional[Callable[[], None]] = None
         self.engine: Optional["Engine"] = None
         self.tag = tag
+        #: False for a plain JSON request (``Accept: application/json``; the
+        #: decoder's ``feed_whole`` gets the body)
+        self.streaming = streaming
         self._last_n = -1
         self._last_change = 0.0
 
@@ -136,7 +141,9 @@ class Engine:
         handle = self._acquire()
         try:
             t.decoder = t.make_decoder(t.t0)
-            t.call = Call(handle, t.cfg, t.body, t.decoder, deadline=t.deadline, url=t.url, progress=False)
+            t.call = Call(
+                handle, t.cfg, t.body, t.decoder, deadline=t.deadline, url=t.url, progress=False, streaming=t.streaming
+            )
         except BaseException:
             self._release(handle)
             raise
