@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import math
@@ -441,7 +442,7 @@ class _Progress:
         tty = hasattr(stream, "isatty") and stream.isatty()
         if tty and enabled is not False:
             try:
-                from tqdm import tqdm
+                tqdm: Any = importlib.import_module("tqdm").tqdm
             except ImportError:  # pragma: no cover - the [batch] extra is not installed
                 tqdm = None
             if tqdm is not None:
@@ -595,10 +596,14 @@ def run_batch(
     # ids in the output that are not in the input do not count as skipped
     stats = _Stats(total, _count_done(input_path, done) if done else 0, prev_failed)
     runner = JobRunner(_file_jobs(input_path, done), endpoints=cfgs, concurrency=concurrency, max_retries=max_retries)
+    out = _open_writer(output_path)
+    try:
+        err_out = _open_writer(errors_path) if errors_path else None
+    except BaseException:
+        out.close()
+        raise
     own = broker is None
     b = broker if broker is not None else Broker(pool_size=max(32, concurrency))
-    out = _LineWriter(output_path)
-    err_out = _LineWriter(errors_path) if errors_path else None
     prog = _Progress(progress, stats, stream, progress_interval)
     intr = _Interrupts(runner, handle_sigint)
     summary: Optional[BatchSummary] = None
@@ -645,6 +650,13 @@ def run_batch(
     if summary.interrupted:
         raise BatchInterrupted(summary)
     return summary
+
+
+def _open_writer(path: str) -> _LineWriter:
+    try:
+        return _LineWriter(path)
+    except OSError as e:
+        raise ConfigError(f"cannot write {path!r}: {e.strerror or e}") from e
 
 
 def _count_done(input_path: str, done: Set[str]) -> int:
@@ -787,6 +799,10 @@ def batch_command(args: argparse.Namespace, err: TextIO) -> int:
         err.write(f"error: {e.message}\n")
         err.flush()
         return 2
+    except OSError as e:  # the disk is full, the file went away …: what was written stays
+        err.write(f"error: {e}\n")
+        err.flush()
+        return 1
     except BatchInterrupted as e:
         err.write(e.summary.format() + "\n")
         err.flush()

@@ -135,7 +135,8 @@ def embed(
     numpy array with ``as_numpy=True``. Requests carry ``batch_size`` inputs,
     ``concurrency`` of them in flight over ``endpoints`` (base URLs or
     ModelConfigs; default ``cfg``'s server). ``params`` go into every request
-    body (``model``, llama-server's ``embd_normalize`` …). The first request
+    body (``model``, llama-server's ``embd_normalize`` …; ``cfg.params``, the
+    chat sampling fields, are not sent). The first request
     that fails for good raises its :class:`BrokerError` (retriable failures are
     sent again, to another endpoint when there is one).
     """

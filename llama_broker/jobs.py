@@ -29,7 +29,7 @@ import random
 import time
 import uuid
 from collections import deque
-from typing import Any, AsyncIterator, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Union
+from typing import Any, AsyncGenerator, Callable, Deque, Dict, Generator, Iterable, List, Optional, Sequence, Set, Union
 
 import pycurl
 
@@ -439,7 +439,9 @@ class JobRunner:
         self._wake()
 
     # -- drivers --------------------------------------------------------------------
-    def run_sync(self, engine: SyncEngine, *, tick: Optional[Callable[[], None]] = None) -> Iterator[JobResult]:
+    def run_sync(
+        self, engine: SyncEngine, *, tick: Optional[Callable[[], None]] = None
+    ) -> Generator[JobResult, None, None]:
         """Yield results as they complete, driving ``engine`` between them.
         ``tick()`` is called at least every 0.25 s (progress, signals)."""
         ready = self._ready
@@ -466,7 +468,7 @@ class JobRunner:
 
     async def run_async(
         self, get_engine: Callable[[], AsyncEngine], *, tick: Optional[Callable[[], None]] = None
-    ) -> AsyncIterator[JobResult]:
+    ) -> AsyncGenerator[JobResult, None]:
         """Async twin of :meth:`run_sync` on the running loop."""
         engine = get_engine()
         loop = engine.loop
