@@ -81,11 +81,14 @@ DEFAULT_TIMEOUT_S = 600.0
 class BatchInputError(ConfigError):
     """The input has bad lines; ``problems`` is every ``(line_number, message)``."""
 
-    def __init__(self, problems: List[Tuple[int, str]], source: str = "input") -> None:
+    def __init__(self, problems: List[Tuple[int, str]], source: str = "input", n_bad: Optional[int] = None) -> None:
         self.problems = problems
+        self.source = source
+        #: every bad line (``problems`` keeps the first 100,000)
+        self.n_bad = len(problems) if n_bad is None else n_bad
         first = "; ".join(f"line {n}: {m}" for n, m in problems[:3])
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        super().__init__(f"{source}: {len(problems)} bad line(s): {first}{more}; nothing was sent")
+        more = f" (and {self.n_bad - 3} more)" if self.n_bad > 3 else ""
+        super().__init__(f"{source}: {self.n_bad} bad line(s): {first}{more}; nothing was sent")
 
 
 class BatchInterrupted(KeyboardInterrupt):
@@ -171,9 +174,7 @@ def validate_file(
             else:
                 count += 1
     if n_bad:
-        err = BatchInputError(problems, source=path)
-        err.n_bad = n_bad  # type: ignore[attr-defined]
-        raise err
+        raise BatchInputError(problems, source=path, n_bad=n_bad)
     return count
 
 
@@ -792,7 +793,10 @@ def batch_command(args: argparse.Namespace, err: TextIO) -> int:
             on_problem=problem,
         )
     except BatchInputError as e:
-        err.write(f"error: {e.message}\n")
+        if e.source == args.input:  # its lines were listed as they were found
+            err.write(f"error: {e.n_bad} bad line(s) in {args.input}; nothing was sent\n")
+        else:
+            err.write(f"error: {e.message}\n")
         err.flush()
         return 2
     except ConfigError as e:

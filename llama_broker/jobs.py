@@ -31,8 +31,6 @@ import uuid
 from collections import deque
 from typing import Any, AsyncGenerator, Callable, Deque, Dict, Generator, Iterable, List, Optional, Sequence, Set, Union
 
-import pycurl
-
 from .config import ModelConfig
 from .decoder import StreamResult
 from .engine import AsyncEngine, Engine, SyncEngine, Transfer
@@ -457,11 +455,8 @@ class JobRunner:
                     self.abandon(engine)
                 if self.finished:
                     return
-                try:
-                    engine.drive(lambda: bool(ready) or self.abandoned, max_wait=self._wait_hint())
-                except pycurl.error as e:  # select() interrupted by a signal
-                    if e.args and e.args[0] not in (4, -1):
-                        raise
+                # a signal (Ctrl-C) ends the wait early: select() returns -1 on EINTR
+                engine.drive(lambda: bool(ready) or self.abandoned, max_wait=self._wait_hint())
         finally:
             if self._live:
                 self.abandon(engine)
