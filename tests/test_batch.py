@@ -551,3 +551,58 @@ def test_cli_exit_code_1_when_some_failed(tmp_path: Path) -> None:
     assert p.returncode == 1, p.stderr
     assert "1 ok, 1 failed (invalid_request_error: 1)" in p.stderr
     assert len(read_lines(out)) == 2
+
+
+def test_key_env_sent_and_never_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    with open(inp, "w") as f:
+        f.write(json.dumps(chat_line("ok", "ok")) + "\n" + json.dumps(chat_line("bad", "bad")) + "\n")
+    monkeypatch.setenv("BATCH_TEST_KEY", "sk-batch-secret-123")
+
+    def echo_key(req: Request) -> Reply:
+        if _content(req) == "bad":  # a server that echoes the key in its error
+            return api_error(401, "bad key " + req.headers.get("authorization", ""), "authentication_error")
+        return _faulty(req)
+
+    with LoopbackServer() as srv:
+        srv.script(echo_key)
+        run_batch(str(inp), str(out), endpoints=[srv.url], key_env="BATCH_TEST_KEY", progress=False)
+        assert {r.headers["authorization"] for r in srv.chat_requests()} == {"Bearer sk-batch-secret-123"}
+    text = out.read_text()
+    assert "sk-batch-secret-123" not in text and "***" in text
+
+
+def test_every_endpoint_down_gives_error_lines(tmp_path: Path) -> None:
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(inp, 5)
+    dead = LoopbackServer(listen=False)  # bound, refusing connections
+    try:
+        t0 = time.monotonic()
+        s = run_batch(str(inp), str(out), endpoints=[dead.url], concurrency=5, max_retries=0, progress=False)
+        assert time.monotonic() - t0 < 20
+    finally:
+        dead.close()
+    lines = read_lines(out)
+    assert sorted(x["custom_id"] for x in lines) == [f"q{i}" for i in range(5)]
+    assert all(x["response"] is None and x["error"]["code"] == "connection_error" for x in lines)
+    assert s.failed_by_code == {"connection_error": 5} and s.exit_code == 1
+
+
+def test_iter_batch_lazy_iterable() -> None:
+    def gen() -> Any:
+        for i in range(6):
+            yield chat_line(f"q{i}", f"n{i}")
+
+    with LoopbackServer() as srv:
+        srv.script(echo())
+        got = {x["custom_id"]: x["response"]["body"]["choices"][0]["message"]["content"]
+               for x in iter_batch(gen(), endpoints=[srv.url], concurrency=2)}
+        assert got == {f"q{i}": f"echo:n{i}" for i in range(6)}
+
+        def bad() -> Any:
+            yield chat_line("a", "n1")
+            yield {"custom_id": "b", "url": "/nope"}
+
+        with pytest.raises(BatchInputError) as ei:
+            list(iter_batch(bad(), endpoints=[srv.url]))
+        assert ei.value.problems[0][0] == 2
