@@ -451,6 +451,7 @@ class _Progress:
                 self.bar = tqdm(
                     total=s.total, initial=s.skipped, unit="req", file=stream, dynamic_ncols=True, smoothing=0.1
                 )
+                self.last = 0.0  # the tokens/errors part shows from the first update
 
     def update(self, in_flight: int, force: bool = False) -> None:
         if not self.on:
