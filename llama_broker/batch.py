@@ -46,6 +46,11 @@ import time
 import uuid
 from typing import Any, Callable, Dict, IO, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, TextIO, Tuple, Union
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no lock against a second run
+    fcntl = None  # type: ignore[assignment]
+
 from .broker import Broker
 from .config import ModelConfig
 from .errors import APIError, ConfigError
@@ -189,6 +194,12 @@ class _LineWriter:
     def __init__(self, path: str) -> None:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(self.fd)
+                raise ConfigError(f"{path!r} is being written by another run (it holds the file's lock)") from e
         self.last_sync = time.monotonic()
         self.dirty = False
 
@@ -590,20 +601,24 @@ def run_batch(
     stream = log_stream if log_stream is not None else sys.stderr
     cfgs = _endpoints(endpoints, key_env, timeout_s)
     total = validate_file(input_path, on_problem)
-    done: Set[str] = set()
-    _, prev_failed, _ = scan_output(output_path, done)
-    if errors_path:
-        _, prev_err, _ = scan_output(errors_path, done)
-        prev_failed += prev_err
-    # ids in the output that are not in the input do not count as skipped
-    stats = _Stats(total, _count_done(input_path, done) if done else 0, prev_failed)
-    runner = JobRunner(_file_jobs(input_path, done), endpoints=cfgs, concurrency=concurrency, max_retries=max_retries)
+    # The writers first: their lock keeps a second run off the same files.
     out = _open_writer(output_path)
+    err_out: Optional[_LineWriter] = None
     try:
         err_out = _open_writer(errors_path) if errors_path else None
+        done: Set[str] = set()
+        _, prev_failed, _ = scan_output(output_path, done)
+        if errors_path:
+            _, prev_err, _ = scan_output(errors_path, done)
+            prev_failed += prev_err
+        # ids in the output that are not in the input do not count as skipped
+        stats = _Stats(total, _count_done(input_path, done) if done else 0, prev_failed)
     except BaseException:
         out.close()
+        if err_out is not None:
+            err_out.close()
         raise
+    runner = JobRunner(_file_jobs(input_path, done), endpoints=cfgs, concurrency=concurrency, max_retries=max_retries)
     own = broker is None
     b = broker if broker is not None else Broker(pool_size=max(32, concurrency))
     prog = _Progress(progress, stats, stream, progress_interval)
@@ -657,6 +672,8 @@ def run_batch(
 def _open_writer(path: str) -> _LineWriter:
     try:
         return _LineWriter(path)
+    except ConfigError:
+        raise
     except OSError as e:
         raise ConfigError(f"cannot write {path!r}: {e.strerror or e}") from e
 

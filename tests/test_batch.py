@@ -606,3 +606,22 @@ def test_iter_batch_lazy_iterable() -> None:
         with pytest.raises(BatchInputError) as ei:
             list(iter_batch(bad(), endpoints=[srv.url]))
         assert ei.value.problems[0][0] == 2
+
+
+def test_a_second_run_on_the_same_output_is_refused(tmp_path: Path) -> None:
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(inp, 12)
+    with LoopbackServer() as srv:
+        srv.script(echo(0.2))
+        p = popen(batch_args(inp, out, [srv.url], "--concurrency", "2"))
+        try:
+            wait_for(lambda: len(srv.chat_requests()) >= 1, 30, "the first run to start")
+            p2 = run(batch_args(inp, out, [srv.url]), timeout=30)
+            assert p2.returncode == 2 and "another run" in p2.stderr, p2.stderr
+            p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+        assert p.returncode == 0
+    check_echo_output(out, 12)
