@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import itertools
 import json
 import logging
 import math
@@ -289,9 +290,14 @@ def _http_body(err: APIError) -> Any:
         return raw
 
 
+_LINE_PREFIX = "batch_req_" + uuid.uuid4().hex[:16]
+_line_numbers = itertools.count()
+
+
 def output_line(r: JobResult) -> Dict[str, Any]:
-    """The OpenAI Batch output object for one result."""
-    out: Dict[str, Any] = {"id": "batch_req_" + uuid.uuid4().hex, "custom_id": r.key}
+    """The OpenAI Batch output object for one result (``id``: unique per process
+    and line, a random prefix and a counter)."""
+    out: Dict[str, Any] = {"id": f"{_LINE_PREFIX}{next(_line_numbers):08x}", "custom_id": r.key}
     err = r.error
     if err is None:
         out["response"] = {"status_code": r.status or 200, "request_id": r.request_id, "body": r.body}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import random
 import time
@@ -238,6 +239,9 @@ class JobRunner:
         self._live: Set[Transfer] = set()
         self._rr = 0
         self._wakeup: Optional["asyncio.Future[None]"] = None
+        # request ids: a random prefix per run and a counter (a uuid per request costs more)
+        self._rid = "req_" + uuid.uuid4().hex[:16]
+        self._n = itertools.count()
         self.stopping = False
         self.abandoned = False
         #: jobs dropped after stop() (neither finished nor failed: run them again)
@@ -400,7 +404,7 @@ class JobRunner:
                 attempts=job.attempts,
                 latency_s=time.monotonic() - t0,
                 endpoint=ep.cfg.base_url,
-                request_id="req_" + uuid.uuid4().hex,
+                request_id=f"{self._rid}{next(self._n):08x}",
             )
         )
         self._wake()
