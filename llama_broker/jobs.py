@@ -71,7 +71,7 @@ class Job:
     """One request: ``key`` is the caller's handle for it (a custom_id, an
     index), ``path`` one of :data:`KINDS`, ``body`` its JSON body (a dict)."""
 
-    __slots__ = ("key", "path", "body", "kind", "attempts", "t0")
+    __slots__ = ("key", "path", "body", "kind", "attempts", "t0", "avoid")
 
     def __init__(self, key: Any, path: str, body: Dict[str, Any]) -> None:
         kind = KINDS.get(path)
@@ -83,6 +83,8 @@ class Job:
         self.kind = kind
         self.attempts = 0
         self.t0: Optional[float] = None
+        #: the endpoint this job last failed on (not chosen again while another can take it)
+        self.avoid: Any = None
 
 
 @dataclasses.dataclass
@@ -272,15 +274,17 @@ class JobRunner:
             self._exhausted = True
             return None
 
-    def _pick(self, now: float) -> Optional[_Endpoint]:
+    def _pick(self, now: float, avoid: Any = None) -> Optional[_Endpoint]:
         best = None
         n = len(self.eps)
         for k in range(n):  # least outstanding; ties go round-robin
             ep = self.eps[(self._rr + k) % n]
-            if ep.rest_until > now:
+            if ep.rest_until > now or ep is avoid:
                 continue
             if best is None or ep.outstanding < best.outstanding:
                 best = ep
+        if best is None and avoid is not None and avoid.rest_until <= now:
+            best = avoid  # the only endpoint that can take it
         if best is not None:
             self._rr = (best.order + 1) % n
         return best
@@ -289,12 +293,13 @@ class JobRunner:
         """Start jobs until ``concurrency`` are in flight (or none can start)."""
         now = time.monotonic()
         while len(self._live) < self.concurrency:
-            ep = self._pick(now)
-            if ep is None:  # every endpoint is resting
+            if all(ep.rest_until > now for ep in self.eps):  # every endpoint is resting
                 return
             job = self._next_job()
             if job is None:
                 return
+            ep = self._pick(now, job.avoid)
+            assert ep is not None
             self._start(engine, job, ep)
 
     def _start(self, engine: Engine, job: Job, ep: _Endpoint) -> None:
@@ -380,6 +385,7 @@ class JobRunner:
                 self.dropped += 1  # not a result: a later run does it again
             else:
                 self.retried += 1
+                job.avoid = ep
                 self._requeue.appendleft(job)
             self._wake()
             return

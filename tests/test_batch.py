@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
+from llama_broker import Broker, ModelConfig
 from llama_broker.batch import BatchInputError, iter_batch, run_batch, scan_output
 from loopback import (
     Close,
@@ -383,7 +384,7 @@ def test_endpoint_down_for_part_of_the_run(tmp_path: Path) -> None:
     """B refuses connections for the first 0.4 s, then serves; A goes away at
     1.2 s (its in-flight requests are cut). Every request still ends ok."""
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    n = 120
+    n = 200  # at 4 in flight and 40 ms a reply: 2 s at least, past both events
     write_input(inp, n)
     a = LoopbackServer()
     b = LoopbackServer(listen=False)
@@ -399,6 +400,7 @@ def test_endpoint_down_for_part_of_the_run(tmp_path: Path) -> None:
         assert s.ok == n and s.failed == 0, s
         check_echo_output(out, n)
         assert len(a.chat_requests()) > 0 and len(b.chat_requests()) > 0
+        assert "client-gone" in a.outcomes or "stopped" in a.outcomes  # A's close cut requests in flight
     finally:
         a.close()
         b.close()
@@ -625,3 +627,20 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path: Path) -> None:
                 p.communicate()
         assert p.returncode == 0
     check_echo_output(out, 12)
+
+
+def test_a_job_that_failed_on_an_endpoint_goes_elsewhere() -> None:
+    """A dead endpoint's probes are not all taken by the same job: with one
+    try to spare, every job still succeeds on the live endpoint."""
+    dead = LoopbackServer(listen=False)
+    try:
+        with LoopbackServer() as live:
+            live.script(echo(0.05))
+            reqs = [chat_line(f"q{i}", f"n{i}") for i in range(40)]
+            # the dead endpoint's rest runs out at once, and it has fewer outstanding requests
+            eps = [ModelConfig(dead.url, retry_backoff_ms=1), ModelConfig(live.url, retry_backoff_ms=1)]
+            with Broker() as br:
+                lines = list(iter_batch(reqs, endpoints=eps, concurrency=4, max_retries=0, broker=br))
+    finally:
+        dead.close()
+    assert len(lines) == 40 and all(x["error"] is None for x in lines), [x["error"] for x in lines if x["error"]]
