@@ -226,7 +226,8 @@ def rerank(
     if top_n is not None:
         body["top_n"] = top_n
     b = broker or default_broker()
-    answer = b.request_json("POST", "/v1/rerank", body, cfg=cfg)
+    # no idle timeout: the server sends nothing until every document is scored
+    answer = b.request_json("POST", "/v1/rerank", body, cfg=dataclasses.replace(cfg, idle_timeout_ms=None))
     results = answer.get("results") if isinstance(answer, dict) else None
     if not isinstance(results, list):
         raise ProtocolError(f"/v1/rerank answered without a results list: {str(answer)[:200]!r}")

@@ -174,10 +174,10 @@ class _Endpoint:
 
     def __init__(self, cfg: ModelConfig, order: int) -> None:
         self.cfg = cfg
-        self.json_cfg = (
-            cfg
-            if cfg.max_event_bytes >= _MIN_JSON_BODY_BYTES
-            else dataclasses.replace(cfg, max_event_bytes=_MIN_JSON_BODY_BYTES)
+        # A non-streamed answer sends no byte until it is complete: no idle
+        # timeout there (timeout_ms still bounds it), and room for a large body.
+        self.json_cfg = dataclasses.replace(
+            cfg, max_event_bytes=max(cfg.max_event_bytes, _MIN_JSON_BODY_BYTES), idle_timeout_ms=None
         )
         self.outstanding = 0
         self.rest_until = 0.0

@@ -334,8 +334,8 @@ class Call:
             self.mode = 2  # a status without a body
         if self.mode == 2:
             raise self._api_error()
-        if self.mode == 0 and not self.streaming and curl_error is None:
-            self.mode = 3  # a 2xx with an empty body
+        if self.mode == 0 and not self.streaming and curl_error is None and not self.idle_fired:
+            self.mode = 3  # a 2xx with an empty body (an idle timeout is raised below)
         if self.mode == 3:
             if self.body_truncated:
                 raise ProtocolError(

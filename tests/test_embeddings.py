@@ -172,7 +172,10 @@ def test_rerank_unsorted_server_is_sorted_and_cut() -> None:
 
 @pytest.fixture(scope="module")
 def embedding_server() -> Iterator[LocalServer]:
-    with LocalServer(parallel=2, ctx_per_slot=512, extra_args=["--embeddings", "--pooling", "mean"]) as srv:
+    # One slot: with two, this llama-server gives the same text different
+    # vectors depending on what shares its batch (seen up to 0.2 apart), so no
+    # two clients could agree; with one slot and no prompt cache it is exact.
+    with LocalServer(parallel=1, ctx_per_slot=512, extra_args=["--embeddings", "--pooling", "mean"]) as srv:
         yield srv
 
 
@@ -181,18 +184,64 @@ def test_embeddings_equal_the_sdk_on_the_real_server(embedding_server: LocalServ
     openai = pytest.importorskip("openai")
     texts = ["The quick brown fox", "jumps over the lazy dog", "café 日本語", "a", "embeddings are vectors"] * 3
     cfg = embedding_server.config()
-    ours = embed(cfg, texts, batch_size=4, concurrency=2)
+    nocache = {"cache_prompt": False}
     client = openai.OpenAI(base_url=embedding_server.endpoint + "/v1", api_key="none", max_retries=0)
     try:
-        sdk = client.embeddings.create(model="x", input=texts)
+        sdk = client.embeddings.create(model="x", input=texts, extra_body=nocache)
     finally:
         client.close()
     theirs = [d.embedding for d in sorted(sdk.data, key=lambda d: d.index)]
+    # other request sizes than the SDK's one request, two in flight: the same vectors
+    ours = embed(cfg, texts, batch_size=4, concurrency=2, **nocache)
     assert len(ours) == len(theirs) == len(texts)
     assert len(ours[0]) > 16
-    for a, b in zip(ours, theirs):
-        assert list(a) == pytest.approx(b, rel=1e-5, abs=1e-6)
+    assert [list(v) for v in ours] == theirs
     np = pytest.importorskip("numpy")
-    m = embed(cfg, texts, batch_size=7, as_numpy=True)
-    assert m.shape == (len(texts), len(ours[0]))
-    assert np.allclose(m, np.array(theirs, dtype=np.float32), rtol=1e-5, atol=1e-6)
+    m = embed(cfg, texts, batch_size=7, as_numpy=True, **nocache)
+    assert m.shape == (len(texts), len(ours[0])) and m.dtype == np.float32
+    assert m.tolist() == theirs
+
+
+def _slow_embeddings(delay: float) -> Any:
+    inner = embeddings_handler()
+
+    def handler(req: Request) -> Reply:
+        import dataclasses
+
+        return dataclasses.replace(inner(req), delay=delay)
+
+    return handler
+
+
+def test_idle_timeout_on_an_engine_json_request_is_a_timeout() -> None:
+    """A plain JSON request on the engines that hears nothing for idle_timeout_ms
+    fails with TimeoutError_ (it was reported as an undecodable empty body)."""
+    from llama_broker.engine import Transfer
+    from llama_broker.errors import TimeoutError_
+    from llama_broker.jobs import _WholeJSON
+
+    with LoopbackServer() as srv:
+        srv.route("/v1/embeddings", _slow_embeddings(3.0))
+        cfg = ModelConfig(srv.url, idle_timeout_ms=1000, max_retries=0)
+        with Broker() as br:
+            eng = br._sync_engine()
+            t = Transfer(cfg, b'{"input": ["t-1"]}', lambda t0: _WholeJSON(), url=srv.url + "/v1/embeddings",
+                         streaming=False, retry=False)
+            eng.start(t)
+            deadline = __import__("time").monotonic() + 10
+            while not t.done and __import__("time").monotonic() < deadline:
+                eng.drive(lambda: t.done, max_wait=0.1)
+        assert t.done
+        assert isinstance(t.error, TimeoutError_), repr(t.error)
+
+
+def test_embed_waits_past_the_idle_timeout_for_a_slow_answer() -> None:
+    """A non-streamed answer sends no byte until it is ready: embed and rerank do
+    not apply the idle timeout (the whole-request timeout still bounds them)."""
+    with LoopbackServer() as srv:
+        srv.route("/v1/embeddings", _slow_embeddings(2.2))
+        srv.route("/v1/rerank", lambda req: __import__("dataclasses").replace(_rerank_handler(req), delay=2.2))
+        cfg = ModelConfig(srv.url, idle_timeout_ms=1000, timeout_ms=20000, max_retries=0)
+        vecs = embed(cfg, ["t-1", "t-2"])
+        assert [list(v) for v in vecs] == [f32(_vec("t-1")), f32(_vec("t-2"))]
+        assert [r.index for r in rerank(cfg, "q", ["a", "abc"])] == [1, 0]
