@@ -610,15 +610,22 @@ def run_batch(
     # The writers first: their lock keeps a second run off the same files.
     out = _open_writer(output_path)
     err_out: Optional[_LineWriter] = None
+    prev_failed = 0
     try:
         err_out = _open_writer(errors_path) if errors_path else None
         done: Set[str] = set()
-        _, prev_failed, _ = scan_output(output_path, done)
-        if errors_path:
-            _, prev_err, _ = scan_output(errors_path, done)
-            prev_failed += prev_err
+        for path in (output_path, errors_path):
+            if not path:
+                continue
+            _, failed, torn = scan_output(path, done)
+            prev_failed += failed
+            if torn:
+                stream.write(f"{path}: removed a torn last line ({torn} bytes); its request runs again\n")
         # ids in the output that are not in the input do not count as skipped
         stats = _Stats(total, _count_done(input_path, done) if done else 0, prev_failed)
+        if stats.s.skipped:
+            stream.write(f"resuming: {stats.s.skipped} of {total} requests already done\n")
+            stream.flush()
     except BaseException:
         out.close()
         if err_out is not None:

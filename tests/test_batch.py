@@ -478,7 +478,8 @@ def test_sigkill_at_random_points_then_resume(tmp_path: Path, torn: bool) -> Non
                 out.write_bytes(blob[: last_start + (len(blob) - last_start) // 2])
         p2 = run(batch_args(inp, out, [srv.url], "--concurrency", "4"), timeout=60)
         assert p2.returncode == 0, p2.stderr
-        assert "batch done" in p2.stderr
+        assert "batch done" in p2.stderr and "resuming: " in p2.stderr
+        assert ("removed a torn last line" in p2.stderr) == torn
     check_echo_output(out, n)
 
 
