@@ -777,7 +777,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("input", help="the input JSONL file ({custom_id, method, url, body} per line)")
     p.add_argument("-o", "--output", required=True, help="the output JSONL file (appended; resumed)")
     p.add_argument(
-        "--endpoint", action="append", required=True, default=None, help="server base URL (repeat for several)"
+        "--endpoint",
+        action="append",
+        default=None,
+        help="server base URL (repeat for several; default $LLAMA_BROKER_ENDPOINT)",
     )
     p.add_argument("--concurrency", "-c", type=int, default=8, help="requests in flight at once (default 8)")
     p.add_argument("--key-env", help="environment variable holding the API key (sent as a Bearer token)")
@@ -797,6 +800,10 @@ def batch_command(args: argparse.Namespace, err: TextIO) -> int:
     """``llama-broker batch``: returns the exit code (0 all ok, 1 some requests
     failed, 2 invalid input or usage, 130 interrupted)."""
     logging.getLogger("llama_broker").setLevel(logging.WARNING if args.verbose else logging.ERROR)
+    endpoints = args.endpoint or ([os.environ["LLAMA_BROKER_ENDPOINT"]] if os.environ.get("LLAMA_BROKER_ENDPOINT") else [])
+    if not endpoints:
+        err.write("error: no --endpoint given (and $LLAMA_BROKER_ENDPOINT is not set)\n")
+        return 2
     if args.concurrency < 1:
         err.write("error: --concurrency must be at least 1\n")
         return 2
@@ -811,7 +818,7 @@ def batch_command(args: argparse.Namespace, err: TextIO) -> int:
         summary = run_batch(
             args.input,
             args.output,
-            endpoints=args.endpoint,
+            endpoints=endpoints,
             concurrency=args.concurrency,
             key_env=args.key_env,
             max_retries=args.max_retries,
