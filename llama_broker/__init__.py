@@ -21,6 +21,7 @@ from .errors import (
     TransportError,
 )
 from .native import ChatReply, ToolCall, chat_completion
+from .embeddings import aembed, embed, rerank
 from .sse import Event, EventSplitter
 
 __version__ = "0.1.0"
@@ -34,6 +35,9 @@ __all__ = [
     "ChatReply",
     "ToolCall",
     "chat_completion",
+    "aembed",
+    "embed",
+    "rerank",
     "MapResult",
     "achat",
     "astream",

@@ -9,6 +9,10 @@ last one with ``"done": true`` and the usage/timings.
 ``serve`` runs a local llama-server in the foreground and prints its endpoint
 on stdout until Ctrl-C.
 
+``batch IN.jsonl -o OUT.jsonl --endpoint URL …`` runs an OpenAI Batch file
+(see :mod:`llama_broker.batch`; exit 0 all ok, 1 some requests failed, 2 bad
+input, 130 interrupted — run it again to resume).
+
 Exit codes: 0 done, 1 a llama_broker error (``error: …`` on stderr), 2 bad
 usage, 130 interrupted (Ctrl-C; the connection is closed, which cancels the
 generation on the server), 143 terminated (SIGTERM).
@@ -105,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log", help="write the server log here (default: a temporary file)")
     serve.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for readiness")
     serve.add_argument("extra", nargs=argparse.REMAINDER, help="after '--': more llama-server arguments")
+
+    from .batch import add_parser as _add_batch_parser
+
+    _add_batch_parser(sub)
     return parser
 
 
@@ -333,6 +341,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "chat":
             return _cmd_chat(args, out, err)
+        if args.command == "batch":
+            from .batch import batch_command
+
+            return batch_command(args, err)
         return _cmd_serve(args, out, err)
     except KeyboardInterrupt:
         _soft_write(err, "\ninterrupted\n")

@@ -67,6 +67,7 @@ class Transfer:
         "engine",
         "tag",
         "redirects",
+        "streaming",
         "_last_n",
         "_last_change",
     )
@@ -81,6 +82,7 @@ class Transfer:
         retry: bool = True,
         url: Optional[str] = None,
         tag: Any = None,
+        streaming: bool = True,
     ) -> None:
         self.cfg = cfg
         self.body = body
@@ -103,6 +105,9 @@ class Transfer:
         self.tag = tag
         #: redirects followed so far (ModelConfig.follow_redirects); ``url`` is the current hop
         self.redirects = 0
+        #: False for a plain JSON request (``Accept: application/json``; the
+        #: decoder's ``feed_whole`` gets the body)
+        self.streaming = streaming
         self._last_n = -1
         self._last_change = 0.0
 
@@ -152,7 +157,15 @@ class Engine:
         try:
             t.decoder = t.make_decoder(t.t0)
             t.call = Call(
-                handle, t.cfg, t.body, t.decoder, deadline=t.deadline, url=t.url, progress=False, redirects=t.redirects
+                handle,
+                t.cfg,
+                t.body,
+                t.decoder,
+                deadline=t.deadline,
+                url=t.url,
+                progress=False,
+                redirects=t.redirects,
+                streaming=t.streaming,
             )
         except BaseException:
             self._release(handle)
