@@ -59,7 +59,7 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, Path]:
         _run([sys.executable, "setup.py", "-q", "sdist", "-d", str(out)], ROOT)
         sdists = glob.glob(str(out / "*.tar.gz"))
         assert len(sdists) == 1, sdists
-        _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+        _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-cache-dir",
               "-w", str(out), sdists[0]], out)
     sdists = sorted(out.glob("llama_broker-*.tar.gz"))
     wheels = sorted(out.glob("llama_broker-*.whl"))
