@@ -23,7 +23,7 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pycurl
 
@@ -33,10 +33,32 @@ from .errors import BrokerError, ConfigError, TimeoutError_, TransportError
 from .policy import retry_delay
 from .transport import Call
 
-__all__ = ["Transfer", "Engine", "SyncEngine", "AsyncEngine"]
+__all__ = ["Transfer", "Engine", "SyncEngine", "AsyncEngine", "DEFAULT_MAX_DELAY_MS", "check_max_delay"]
 
 
 DecoderFactory = Callable[[float], StreamDecoder]
+
+#: The latency budget ``Broker.map``/``amap`` (and ``Fanout``) use by default, in ms.
+DEFAULT_MAX_DELAY_MS = 5.0
+#: The largest budget accepted (it delays bytes, so it must stay far below any timeout).
+MAX_DELAY_LIMIT_MS = 1000.0
+
+
+def check_max_delay(max_delay_ms: float) -> float:
+    """Validate a latency budget ``max_delay_ms`` and return it as a float.
+
+    With a budget, an engine lets bytes wait in the kernel: after a pass over
+    the ready sockets it does not read sockets again until ``max_delay_ms``
+    after that pass, then handles every ready socket in one pass (one wake-up
+    for many tokens). A transfer's bytes wait at most that long; an engine
+    uses the smallest budget of the transfers it runs, so a transfer with no
+    budget (0, the default of the interactive calls) is never delayed.
+    """
+    if isinstance(max_delay_ms, bool) or not isinstance(max_delay_ms, (int, float)):
+        raise ConfigError(f"max_delay_ms must be a number of milliseconds, got {max_delay_ms!r}")
+    if not 0 <= max_delay_ms <= MAX_DELAY_LIMIT_MS:  # (NaN fails too)
+        raise ConfigError(f"max_delay_ms must be between 0 and {MAX_DELAY_LIMIT_MS:g}, got {max_delay_ms!r}")
+    return float(max_delay_ms)
 
 
 class Transfer:
@@ -67,6 +89,7 @@ class Transfer:
         "engine",
         "tag",
         "redirects",
+        "max_delay",
         "_last_n",
         "_last_change",
     )
@@ -81,6 +104,7 @@ class Transfer:
         retry: bool = True,
         url: Optional[str] = None,
         tag: Any = None,
+        max_delay_ms: float = 0.0,
     ) -> None:
         self.cfg = cfg
         self.body = body
@@ -103,6 +127,8 @@ class Transfer:
         self.tag = tag
         #: redirects followed so far (ModelConfig.follow_redirects); ``url`` is the current hop
         self.redirects = 0
+        #: the latency budget in seconds (see :func:`check_max_delay`); 0: every wake-up is handled at once
+        self.max_delay = check_max_delay(max_delay_ms) / 1000.0
         self._last_n = -1
         self._last_change = 0.0
 
@@ -139,6 +165,20 @@ class Engine:
         self._release = release
         self.multi = pycurl.CurlMulti()
         self.active: Dict[int, Transfer] = {}  # id(handle) -> transfer
+        #: the latency budget in force (s): the smallest of the running transfers' (0 if none)
+        self.delay = 0.0
+        self._budgets: Dict[float, int] = {}  # budget -> running transfers with it
+        #: passes over ready sockets so far (a wake-up that read data)
+        self.passes = 0
+
+    def _budget(self, delay: float, n: int) -> None:
+        b = self._budgets
+        k = b.get(delay, 0) + n
+        if k > 0:
+            b[delay] = k
+        else:
+            b.pop(delay, None)
+        self.delay = min(b) if b else 0.0
 
     def set_max_host_connections(self, n: int) -> None:
         if n:
@@ -169,6 +209,7 @@ class Engine:
         t._last_n = -1
         t._last_change = time.monotonic()
         self.active[id(handle)] = t
+        self._budget(t.max_delay, 1)
         self.multi.add_handle(handle)
 
     def _detach(self, t: Transfer, *, reuse: bool) -> None:
@@ -176,7 +217,8 @@ class Engine:
         if handle is None:
             return
         t.handle = None
-        self.active.pop(id(handle), None)
+        if self.active.pop(id(handle), None) is not None:
+            self._budget(t.max_delay, -1)
         self.multi.remove_handle(handle)
         if reuse:
             handle.reset()  # drops the Call's callbacks; keeps the connection cache
@@ -325,8 +367,11 @@ class SyncEngine(Engine):
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        if self._poll is not None:
+        self._wake_poll = select.poll() if self._poll is not None else None  # the wake-up alone: a budget's wait
+        if self._poll is not None and self._wake_poll is not None:
             self._poll.register(self._wake_r.fileno(), select.POLLIN)
+            self._wake_poll.register(self._wake_r.fileno(), select.POLLIN)
+        self._last_pass = float("-inf")  # when sockets were last read (the latency budget counts from it)
         self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
         self.multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
 
@@ -507,13 +552,18 @@ class SyncEngine(Engine):
 
     # -- driving -------------------------------------------------------------------
     def _act(self, fd: int, events: int) -> None:
+        self._act_many([(fd, events)])
+
+    def _act_many(self, ready: List[Tuple[int, int]]) -> None:
+        """``socket_action`` for each ready socket, then one :meth:`collect`."""
         m = self.multi
         self._in_curl = True
         try:
-            while True:
-                ret, _ = m.socket_action(fd, events)
-                if ret != pycurl.E_CALL_MULTI_PERFORM:
-                    break
+            for fd, events in ready:
+                while True:
+                    ret, _ = m.socket_action(fd, events)
+                    if ret != pycurl.E_CALL_MULTI_PERFORM:
+                        break
         finally:
             self._in_curl = False
         self.collect()
@@ -560,8 +610,28 @@ class SyncEngine(Engine):
         wait = min(wait, self._next_watch - now)
         if wait <= 0:
             return
-        for fd, events in self._wait(wait):
-            self._act(fd, events)
+        if self.delay > 0:
+            hold = self._last_pass + self.delay - now
+            if hold > 0:
+                # The latency budget: let the tokens gather in the kernel; only
+                # a wake-up (start, cut, close from another thread) ends it early.
+                self._hold(min(hold, wait))
+                return
+        ready_socks = self._wait(wait)
+        if ready_socks:
+            self._last_pass = time.monotonic()
+            self.passes += 1
+            self._act_many(ready_socks)
+
+    def _hold(self, wait: float) -> None:
+        """Sleep ``wait`` s unless woken (the sockets are not watched meanwhile)."""
+        if self._wake_poll is not None:
+            if self._wake_poll.poll(max(1, int(wait * 1000 + 0.999))):
+                self._drain_wake()
+            return
+        r, _, _ = select.select([self._wake_r.fileno()], [], [], wait)  # (no poll(): Windows)
+        if r:
+            self._drain_wake()
 
     def _wait(self, wait: float) -> List[Tuple[int, int]]:
         """Wait up to ``wait`` s for curl's sockets (or a wake-up); the ready
@@ -633,6 +703,13 @@ class AsyncEngine(Engine):
         self._acting = False  # inside socket_action (curl's callbacks): curl handles cannot be closed
         #: why the engine was closed (None while open)
         self.closed: Optional[str] = None
+        # The latency budget (Engine.delay): a socket that becomes readable
+        # before it is spent loses its reader (asyncio's readers are
+        # level-triggered: kept, it would fire on every loop turn) and waits
+        # in _held for the one pass that reads them all.
+        self._held: Dict[int, None] = {}  # fd -> None, in the order they became ready
+        self._pass_handle: Optional[asyncio.Handle] = None
+        self._last_pass = float("-inf")  # loop.time() of the last pass
         self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
         self.multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
 
@@ -649,9 +726,10 @@ class AsyncEngine(Engine):
             if old in (pycurl.POLL_OUT, pycurl.POLL_INOUT):
                 loop.remove_writer(fd)
         if what == pycurl.POLL_REMOVE:
+            self._held.pop(fd, None)
             return
         if what in (pycurl.POLL_IN, pycurl.POLL_INOUT):
-            loop.add_reader(fd, self._act, fd, pycurl.CSELECT_IN)
+            loop.add_reader(fd, self._readable, fd)
         if what in (pycurl.POLL_OUT, pycurl.POLL_INOUT):
             loop.add_writer(fd, self._act, fd, pycurl.CSELECT_OUT)
         self._fds[fd] = what
@@ -664,15 +742,52 @@ class AsyncEngine(Engine):
             self._timer = self.loop.call_later(timeout_ms / 1000.0, self._act, pycurl.SOCKET_TIMEOUT, 0)
 
     # loop -> curl ----------------------------------------------------------------
+    def _readable(self, fd: int) -> None:
+        """A socket's reader fired: act now, or hold it for the next pass (budget)."""
+        if self.delay <= 0 and not self._held:
+            self.passes += 1
+            self._act_many((fd,))
+            return
+        self.loop.remove_reader(fd)  # restored by the pass (or by curl's next socket callback)
+        self._held[fd] = None
+        if self._pass_handle is None:
+            loop = self.loop
+            at = self._last_pass + self.delay
+            if at <= loop.time():  # the budget is spent: after this loop turn's other ready sockets
+                self._pass_handle = loop.call_soon(self._pass)
+            else:
+                self._pass_handle = loop.call_at(at, self._pass)
+
+    def _pass(self) -> None:
+        """Read every held socket in one pass and watch them again."""
+        self._pass_handle = None
+        if self.closed is not None:
+            return
+        loop = self.loop
+        self._last_pass = loop.time()
+        self.passes += 1
+        held, self._held = self._held, {}
+        fds = self._fds
+        for fd in held:
+            if fds.get(fd) in (pycurl.POLL_IN, pycurl.POLL_INOUT):
+                loop.add_reader(fd, self._readable, fd)
+        self._act_many(list(held))
+
     def _act(self, fd: int, events: int) -> None:
+        self._act_many((fd,), events)
+
+    def _act_many(self, ready: Sequence[int], events: int = pycurl.CSELECT_IN) -> None:
         if self.closed is not None:
             return
         m = self.multi
         self._acting = True
         try:
-            while True:
-                ret, _ = m.socket_action(fd, events)
-                if ret != pycurl.E_CALL_MULTI_PERFORM:
+            for fd in ready:
+                while True:
+                    ret, _ = m.socket_action(fd, events)
+                    if ret != pycurl.E_CALL_MULTI_PERFORM:
+                        break
+                if self.closed is not None:
                     break
         finally:
             self._acting = False
@@ -734,11 +849,13 @@ class AsyncEngine(Engine):
                 if what in (pycurl.POLL_OUT, pycurl.POLL_INOUT):
                     self.loop.remove_writer(fd)
         self._fds.clear()
+        self._held.clear()
         if alive:
-            for h in (self._timer, self._watch, *self._retrying.values()):
+            for h in (self._timer, self._watch, self._pass_handle, *self._retrying.values()):
                 if h is not None:
                     h.cancel()
         self._timer = self._watch = None
+        self._pass_handle = None
         waiting = list(self._retrying)
         self._retrying.clear()
         ended: List[Any] = []
