@@ -16,14 +16,13 @@ streams interleave on one thread without threads.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import pycurl
 
@@ -38,6 +37,9 @@ from .policy import encode_chat_body as _encode_body
 from .policy import retriable as _retriable  # noqa: F401 - kept importable from here
 from .policy import retry_delay as _retry_delay
 from .transport import Call
+
+if TYPE_CHECKING:  # imported where an asyncio call needs it: `import llama_broker` stays cheap
+    import asyncio
 
 __all__ = [
     "AsyncDeltaStream",
@@ -321,6 +323,8 @@ class Broker:
 
     # -- asyncio (AsyncEngine) ---------------------------------------------------
     def _async_engine(self) -> AsyncEngine:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         eng = self._async
         if eng is None or eng.loop is not loop:

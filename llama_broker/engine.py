@@ -18,12 +18,10 @@ transfer that delivered output is never sent again.
 
 from __future__ import annotations
 
-import asyncio
 import select
-import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pycurl
 
@@ -32,6 +30,9 @@ from .decoder import StreamDecoder, StreamResult
 from .errors import BrokerError, ConfigError, TimeoutError_, TransportError
 from .policy import retry_delay
 from .transport import Call
+
+if TYPE_CHECKING:  # asyncio is imported by the asyncio calls only (it costs ~30 ms)
+    import asyncio
 
 __all__ = ["Transfer", "Engine", "SyncEngine", "AsyncEngine", "DEFAULT_MAX_DELAY_MS", "check_max_delay"]
 
@@ -364,6 +365,8 @@ class SyncEngine(Engine):
         self._wanted = 0  # threads waiting to start, cut or close
         self._in_curl = False  # inside socket_action: no multi call may be made
         self._dropped: List[Transfer] = []  # cut at the end of the current turn
+        import socket  # (here: `import llama_broker` stays cheap)
+
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)

@@ -27,20 +27,22 @@ Resting and retrying follow the blocking path's policy (``policy.py``), so
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Union
 
 from .config import ModelConfig, mask_url
 from .decoder import StreamDecoder, StreamResult
 from .engine import DEFAULT_MAX_DELAY_MS, AsyncEngine, Engine, SyncEngine, Transfer, check_max_delay
 from .errors import BrokerError, ConfigError, TransportError
 from .policy import backoff_s, encode_chat_body, retriable, retry_after_s
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["MapResult", "Fanout"]
 
