@@ -706,10 +706,17 @@ class AsyncEngine(Engine):
         self._acting = False  # inside socket_action (curl's callbacks): curl handles cannot be closed
         #: why the engine was closed (None while open)
         self.closed: Optional[str] = None
-        # The latency budget (Engine.delay): a socket that becomes readable
-        # before it is spent loses its reader (asyncio's readers are
-        # level-triggered: kept, it would fire on every loop turn) and waits
-        # in _held for the one pass that reads them all.
+        # Where epoll exists, curl's sockets are watched by an epoll set of
+        # our own and the loop watches that one descriptor: a wake-up reads
+        # every ready socket (one loop callback, however many streams), and
+        # the latency budget (Engine.delay) pauses one reader, not one per
+        # socket. asyncio's readers are level-triggered: while the budget
+        # runs the epoll reader is removed (kept, it would fire on every loop
+        # turn) and one timer per engine restores it for the next pass.
+        self._ep = select.epoll() if hasattr(select, "epoll") else None
+        self._ep_watched = False  # the loop has a reader on the epoll set
+        # Without epoll each socket has its own reader; under a budget a
+        # socket that becomes readable loses it and waits in _held.
         self._held: Dict[int, None] = {}  # fd -> None, in the order they became ready
         self._pass_handle: Optional[asyncio.Handle] = None
         self._last_pass = float("-inf")  # loop.time() of the last pass
@@ -722,6 +729,34 @@ class AsyncEngine(Engine):
             self._fds.pop(fd, None)
             return
         loop = self.loop
+        ep = self._ep
+        if ep is not None:
+            old_what = self._fds.pop(fd, None)
+            if what == pycurl.POLL_REMOVE:
+                if old_what is not None:
+                    try:
+                        ep.unregister(fd)
+                    except OSError:  # already closed (the kernel dropped it)
+                        pass
+                return
+            mask = (select.EPOLLIN if what in (pycurl.POLL_IN, pycurl.POLL_INOUT) else 0) | (
+                select.EPOLLOUT if what in (pycurl.POLL_OUT, pycurl.POLL_INOUT) else 0
+            )
+            try:
+                if old_what is None:
+                    ep.register(fd, mask)
+                else:
+                    ep.modify(fd, mask)
+            except OSError:  # a descriptor number reused behind our back
+                try:
+                    ep.modify(fd, mask)
+                except OSError:
+                    ep.register(fd, mask)
+            self._fds[fd] = what
+            if not self._ep_watched and self._pass_handle is None:
+                loop.add_reader(ep.fileno(), self._ep_ready)
+                self._ep_watched = True
+            return
         old = self._fds.pop(fd, None)
         if old is not None:
             if old in (pycurl.POLL_IN, pycurl.POLL_INOUT):
@@ -745,11 +780,60 @@ class AsyncEngine(Engine):
             self._timer = self.loop.call_later(timeout_ms / 1000.0, self._act, pycurl.SOCKET_TIMEOUT, 0)
 
     # loop -> curl ----------------------------------------------------------------
+    def _ep_ready(self) -> None:
+        """The epoll set is readable: a pass now, or once the budget is spent."""
+        if self.closed is not None:
+            return
+        d = self.delay
+        if d > 0:
+            loop = self.loop
+            now = loop.time()
+            at = self._last_pass + d
+            if now < at:
+                assert self._ep is not None
+                loop.remove_reader(self._ep.fileno())
+                self._ep_watched = False
+                self._pass_handle = loop.call_at(at, self._ep_pass)
+                return
+            self._last_pass = now
+        self._ep_read()
+
+    def _ep_pass(self) -> None:
+        """The budget is spent: watch the epoll set again and read what is ready."""
+        self._pass_handle = None
+        if self.closed is not None or self._ep is None:
+            return
+        loop = self.loop
+        self._last_pass = loop.time()
+        if not self._ep_watched:
+            loop.add_reader(self._ep.fileno(), self._ep_ready)
+            self._ep_watched = True
+        self._ep_read()
+
+    def _ep_read(self) -> None:
+        """One pass: every ready socket of the epoll set to curl."""
+        assert self._ep is not None
+        events = self._ep.poll(0)
+        if not events:
+            return
+        self.passes += 1
+        ready = []
+        for fd, ev in events:
+            flags = 0
+            if ev & (select.EPOLLIN | select.EPOLLPRI | select.EPOLLHUP | select.EPOLLRDHUP):
+                flags |= pycurl.CSELECT_IN
+            if ev & select.EPOLLOUT:
+                flags |= pycurl.CSELECT_OUT
+            if ev & select.EPOLLERR:
+                flags |= pycurl.CSELECT_ERR
+            ready.append((fd, flags))
+        self._act_many(ready)
+
     def _readable(self, fd: int) -> None:
         """A socket's reader fired: act now, or hold it for the next pass (budget)."""
         if self.delay <= 0 and not self._held:
             self.passes += 1
-            self._act_many((fd,))
+            self._act_many(((fd, pycurl.CSELECT_IN),))
             return
         self.loop.remove_reader(fd)  # restored by the pass (or by curl's next socket callback)
         self._held[fd] = None
@@ -774,18 +858,18 @@ class AsyncEngine(Engine):
         for fd in held:
             if fds.get(fd) in (pycurl.POLL_IN, pycurl.POLL_INOUT):
                 loop.add_reader(fd, self._readable, fd)
-        self._act_many(list(held))
+        self._act_many([(fd, pycurl.CSELECT_IN) for fd in held])
 
     def _act(self, fd: int, events: int) -> None:
-        self._act_many((fd,), events)
+        self._act_many(((fd, events),))
 
-    def _act_many(self, ready: Sequence[int], events: int = pycurl.CSELECT_IN) -> None:
+    def _act_many(self, ready: Sequence[Tuple[int, int]]) -> None:
         if self.closed is not None:
             return
         m = self.multi
         self._acting = True
         try:
-            for fd in ready:
+            for fd, events in ready:
                 while True:
                     ret, _ = m.socket_action(fd, events)
                     if ret != pycurl.E_CALL_MULTI_PERFORM:
@@ -845,7 +929,12 @@ class AsyncEngine(Engine):
             return
         self.closed = reason
         alive = not self.loop.is_closed()
-        if alive:
+        if self._ep is not None:
+            if alive and self._ep_watched:
+                self.loop.remove_reader(self._ep.fileno())
+            self._ep_watched = False
+            self._ep.close()
+        elif alive:
             for fd, what in list(self._fds.items()):
                 if what in (pycurl.POLL_IN, pycurl.POLL_INOUT):
                     self.loop.remove_reader(fd)
