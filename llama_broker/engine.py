@@ -40,7 +40,7 @@ __all__ = ["Transfer", "Engine", "SyncEngine", "AsyncEngine", "DEFAULT_MAX_DELAY
 DecoderFactory = Callable[[float], StreamDecoder]
 
 #: The latency budget ``Broker.map``/``amap`` (and ``Fanout``) use by default, in ms.
-DEFAULT_MAX_DELAY_MS = 5.0
+DEFAULT_MAX_DELAY_MS = 10.0
 #: The largest budget accepted (it delays bytes, so it must stay far below any timeout).
 MAX_DELAY_LIMIT_MS = 1000.0
 
@@ -560,16 +560,18 @@ class SyncEngine(Engine):
     def _act_many(self, ready: List[Tuple[int, int]]) -> None:
         """``socket_action`` for each ready socket, then one :meth:`collect`."""
         m = self.multi
+        running = -1
         self._in_curl = True
         try:
             for fd, events in ready:
                 while True:
-                    ret, _ = m.socket_action(fd, events)
+                    ret, running = m.socket_action(fd, events)
                     if ret != pycurl.E_CALL_MULTI_PERFORM:
                         break
         finally:
             self._in_curl = False
-        self.collect()
+        if running != len(self.active):  # (equal: curl finished none of them, nothing to collect)
+            self.collect()
 
     def drive(self, ready: Callable[[], bool], max_wait: float = 1.0) -> None:
         """One turn: run curl, finish what is done, start due retries, and wait
@@ -867,11 +869,12 @@ class AsyncEngine(Engine):
         if self.closed is not None:
             return
         m = self.multi
+        running = -1
         self._acting = True
         try:
             for fd, events in ready:
                 while True:
-                    ret, _ = m.socket_action(fd, events)
+                    ret, running = m.socket_action(fd, events)
                     if ret != pycurl.E_CALL_MULTI_PERFORM:
                         break
                 if self.closed is not None:
@@ -881,7 +884,8 @@ class AsyncEngine(Engine):
         if self.closed is not None:  # closed from a callback (an on_delta): curl is free now
             self._teardown()
             return
-        self.collect()
+        if running != len(self.active):  # (equal: curl finished none of them, nothing to collect)
+            self.collect()
 
     def check_open(self) -> None:
         """Raise the :class:`TransportError` of a closed engine (no-op while open)."""
