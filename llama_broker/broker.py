@@ -498,6 +498,7 @@ class DeltaStream:
         self._t = transfer
         self._queue = queue
         self._raised = False
+        self._ready = lambda: bool(queue) or transfer.done  # (made once: __next__ runs per delta)
 
     @property
     def result(self) -> Optional[StreamResult]:
@@ -531,7 +532,7 @@ class DeltaStream:
             if t.done:
                 self._end()
                 raise StopIteration
-            self._engine.drive(lambda: bool(q) or t.done)
+            self._engine.drive(self._ready)
 
     def close(self) -> None:
         """Stop now: the connection is closed (the server cancels the generation)."""

@@ -359,7 +359,9 @@ class SyncEngine(Engine):
         self._poll = select.poll() if hasattr(select, "poll") else None
         # the turn (see the class docstring); an RLock, because a finalizer
         # may run on a thread that is inside one of these sections
-        self._cv = threading.Condition(threading.RLock())
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
+        self._sleepers = 0  # threads in self._cv.wait() (nobody to notify: no notify_all per turn)
         self._owner: Optional[int] = None
         self._depth = 0
         self._wanted = 0  # threads waiting to start, cut or close
@@ -407,8 +409,7 @@ class SyncEngine(Engine):
         return False when ``ready()`` becomes true or ``max_wait`` passes while
         another thread has it. Without: wake the driver and wait for the turn."""
         me = threading.get_ident()
-        cv = self._cv
-        with cv:
+        with self._lock:  # (the Condition's lock: `with` on it directly is one Python call less)
             if self._owner == me:
                 self._depth += 1
                 return True
@@ -420,25 +421,37 @@ class SyncEngine(Engine):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return False
-                    cv.wait(left)
+                    self._sleep(left)
             else:
                 self._wanted += 1
                 try:
                     while self._owner is not None:
                         self._wake()
-                        cv.wait(0.5)
+                        self._sleep(0.5)
                 finally:
                     self._wanted -= 1
             self._owner = me
             self._depth = 1
             return True
 
+    def _sleep(self, timeout: float) -> None:
+        """Wait (lock held) for the turn to end or ``timeout`` s."""
+        self._sleepers += 1
+        try:
+            self._cv.wait(timeout)
+        finally:
+            self._sleepers -= 1
+
     def _leave(self) -> None:
         """End the turn; cut the transfers dropped meanwhile first."""
-        cv = self._cv
+        cv = self._lock
         with cv:
             if self._depth > 1:
                 self._depth -= 1
+                return
+            if not self._dropped or self.closed:  # (the common case, in one step)
+                self._dropped.clear()
+                self._release_turn()
                 return
         try:
             while True:
@@ -459,7 +472,8 @@ class SyncEngine(Engine):
     def _release_turn(self) -> None:
         self._owner = None
         self._depth = 0
-        self._cv.notify_all()
+        if self._sleepers:
+            self._cv.notify_all()
 
     def _wake(self) -> None:
         try:
