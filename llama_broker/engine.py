@@ -377,6 +377,7 @@ class SyncEngine(Engine):
             self._poll.register(self._wake_r.fileno(), select.POLLIN)
             self._wake_poll.register(self._wake_r.fileno(), select.POLLIN)
         self._last_pass = float("-inf")  # when sockets were last read (the latency budget counts from it)
+        self._busy = False  # data came within the budget: hold before waiting on sockets again
         self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
         self.multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
 
@@ -629,8 +630,9 @@ class SyncEngine(Engine):
         wait = min(wait, self._next_watch - now)
         if wait <= 0:
             return
-        if self.delay > 0:
-            hold = self._last_pass + self.delay - now
+        delay = self.delay
+        if delay > 0 and self._busy:
+            hold = self._last_pass + delay - now
             if hold > 0:
                 # The latency budget: let the tokens gather in the kernel; only
                 # a wake-up (start, cut, close from another thread) ends it early.
@@ -638,7 +640,17 @@ class SyncEngine(Engine):
                 return
         ready_socks = self._wait(wait)
         if ready_socks:
-            self._last_pass = time.monotonic()
+            t = time.monotonic()
+            if delay > 0 and not self._busy and t < self._last_pass + delay:
+                # Data within the budget: tokens come faster than it, so gather
+                # them (the next turn holds; the data waits in the kernel).
+                self._busy = True
+                return
+            # Busy while the wait for data is shorter than the budget; a sparse
+            # stream (a token per wait longer than it) is read at once, so the
+            # budget never costs it a wake-up of its own.
+            self._busy = t - now < delay
+            self._last_pass = t
             self.passes += 1
             self._act_many(ready_socks)
 
@@ -815,23 +827,28 @@ class AsyncEngine(Engine):
         self._ep_read()
 
     def _ep_pass(self) -> None:
-        """The budget is spent: watch the epoll set again and read what is ready."""
+        """The budget is spent: read what is ready. While there is something,
+        the next pass comes one budget later (still without a reader: busy
+        streams cost one timer per budget); else watch the epoll set again."""
         self._pass_handle = None
         if self.closed is not None or self._ep is None:
             return
         loop = self.loop
         self._last_pass = loop.time()
-        if not self._ep_watched:
+        if self._ep_read() and self.delay > 0:
+            if self.closed is None:
+                self._pass_handle = loop.call_at(self._last_pass + self.delay, self._ep_pass)
+            return
+        if not self._ep_watched and self.closed is None:
             loop.add_reader(self._ep.fileno(), self._ep_ready)
             self._ep_watched = True
-        self._ep_read()
 
-    def _ep_read(self) -> None:
-        """One pass: every ready socket of the epoll set to curl."""
+    def _ep_read(self) -> bool:
+        """One pass: every ready socket of the epoll set to curl (False: none was ready)."""
         assert self._ep is not None
         events = self._ep.poll(0)
         if not events:
-            return
+            return False
         self.passes += 1
         ready = []
         for fd, ev in events:
@@ -844,6 +861,7 @@ class AsyncEngine(Engine):
                 flags |= pycurl.CSELECT_ERR
             ready.append((fd, flags))
         self._act_many(ready)
+        return True
 
     def _readable(self, fd: int) -> None:
         """A socket's reader fired: act now, or hold it for the next pass (budget)."""

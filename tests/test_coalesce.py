@@ -194,3 +194,32 @@ def test_cancelling_amap_with_a_budget_closes_every_connection():
             for t in tags:
                 assert srv.wait_for(gone_by(srv, t), 5.0), t
         assert {r.outcome for r in srv.chat()} == {"client-gone"}
+
+
+@pytest.mark.parametrize("how", list(RUN))
+def test_a_sparse_stream_costs_no_extra_wake_up(how, monkeypatch):
+    """Tokens further apart than the budget are read as they come: the budget
+    adds no wake-up of its own (no hold, no timer pass) between them."""
+    from llama_broker import engine as eng_mod
+
+    calls = {"hold": 0, "timer_pass": 0}
+    hold, ep_pass = eng_mod.SyncEngine._hold, eng_mod.AsyncEngine._ep_pass
+
+    def counting_hold(self: Any, wait: float) -> None:
+        calls["hold"] += 1
+        hold(self, wait)
+
+    def counting_pass(self: Any) -> None:
+        calls["timer_pass"] += 1
+        ep_pass(self)
+
+    monkeypatch.setattr(eng_mod.SyncEngine, "_hold", counting_hold)
+    monkeypatch.setattr(eng_mod.AsyncEngine, "_ep_pass", counting_pass)
+    n = 20
+    with ConcServer() as srv, Broker(cfg_for(srv.url)) as b:
+        reqs = [{"messages": msgs("sp"), "x_tokens": n, "x_gap": 0.04}]
+        results, passes, _ = RUN[how](b, reqs, max_delay_ms=15)
+    assert results[0].error is None and results[0].text == text_for("sp", n)
+    assert passes >= n  # one pass per token: none was held back
+    # (the events that come together, at the start and at the end, may be held)
+    assert calls["hold"] + calls["timer_pass"] <= 6, calls
