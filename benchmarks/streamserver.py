@@ -45,7 +45,10 @@ serving costs the server little CPU. ``GET /warm?mode=…&n=…`` renders ahead 
 time; ``GET /health`` answers ``{"status":"ok"}``; ``GET /stats`` (``?reset=1``
 to zero the counters) the server process's CPU seconds and the pacer's
 counters: events sent, how late they went out (mean, max, how many over
-1 ms), streams in flight.
+1 ms), streams in flight. A body with ``"bench_whole": true`` gets the whole
+``chat.completion`` as JSON instead of a stream; ``POST /v1/embeddings``
+answers a deterministic vector per input (``bench_dim`` floats), base64 when
+asked.
 
 Run it in its own process so that client CPU is measured alone::
 
@@ -59,17 +62,20 @@ or in-process (tests, debugging): ``with StreamServer() as srv: ...``.
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import heapq
 import itertools
 import json
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.parse
 import urllib.request
+import zlib
 from collections import OrderedDict
 from functools import lru_cache
 from typing import Sequence, Dict, List, Optional, Tuple
@@ -538,6 +544,8 @@ class StreamServer:
             if path == "/warm":
                 resp = self.response(query.get("mode", "bulk"), _int(query.get("n", "1000")))
                 return self._send_json(conn, 200, resp.info, keep)
+            if path in ("/v1/embeddings", "/embeddings") and method == "POST":
+                return self._embeddings(conn, body, keep)
             if path not in ("/v1/chat/completions", "/chat/completions"):
                 raise _BadRequest(404, f"no route for {path!r}")
             if method != "POST":
@@ -562,6 +570,8 @@ class StreamServer:
         except _BadRequest as e:
             self._send_error(conn, e.status, e.message, keep)
             return keep
+        if req.get("bench_whole") is True:  # a whole chat.completion (for a non-streamed create)
+            return self._send_json(conn, 200, _whole_chat(n), keep)
         head = resp.head + (b"Connection: keep-alive\r\n\r\n" if keep else b"Connection: close\r\n\r\n")
         if gap >= PACER_MIN_GAP_US:
             return self._paced(conn, head, resp, gap / 1e6, phase) and keep
@@ -610,6 +620,43 @@ class StreamServer:
     def _send_error(self, conn: socket.socket, status: int, message: str, keep: bool = False) -> None:
         err = {"error": {"code": status, "message": message, "type": "invalid_request_error"}}
         self._send_json(conn, status, err, keep)
+
+
+    def _embeddings(self, conn: socket.socket, body: bytes, keep: bool) -> bool:
+        """``POST /v1/embeddings``: a deterministic float32 vector per input text
+        (``bench_dim`` floats, default 384), base64 when asked, as llama-server."""
+        try:
+            req = json.loads(body)
+            inputs = req["input"] if isinstance(req["input"], list) else [req["input"]]
+            dim = int(req.get("bench_dim", 384))
+        except (ValueError, KeyError, TypeError):
+            self._send_error(conn, 400, "bad embeddings request", keep)
+            return keep
+        base = _embedding_base(dim)
+        b64 = req.get("encoding_format") == "base64"
+        data = []
+        for i, text in enumerate(inputs):
+            k = zlib.crc32(str(text).encode()) % dim * 4
+            raw = base[k:] + base[:k]
+            emb = base64.b64encode(raw).decode() if b64 else list(struct.unpack(f"<{dim}f", raw))
+            data.append({"embedding": emb, "index": i, "object": "embedding"})
+        usage = {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}
+        return self._send_json(conn, 200, {"model": "m", "object": "list", "usage": usage, "data": data}, keep)
+
+
+@lru_cache(maxsize=4)
+def _embedding_base(dim: int) -> bytes:
+    return struct.pack(f"<{dim}f", *[((i * 7919) % 1000) / 1000.0 - 0.5 for i in range(dim)])
+
+
+@lru_cache(maxsize=4)
+def _whole_chat(n: int) -> dict:
+    return {
+        "id": "chatcmpl-abc123", "object": "chat.completion", "created": 1732000000, "model": "gemma-3-270m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": render(n).content},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 8, "completion_tokens": n, "total_tokens": n + 8},
+    }
 
 
 def _int(s: str) -> int:

@@ -29,7 +29,14 @@ _logging.getLogger("llama_broker").addHandler(_logging.NullHandler())
 
 # Imported on first use (``import llama_broker`` stays cheap: no asyncio, no
 # native/OpenAI layers until they are asked for).
-_LAZY = {"ChatReply": "native", "ToolCall": "native", "chat_completion": "native"}
+_LAZY = {
+    "ChatReply": "native",
+    "ToolCall": "native",
+    "chat_completion": "native",
+    "aembed": "embeddings",
+    "embed": "embeddings",
+    "rerank": "embeddings",
+}
 
 
 def __getattr__(name: str) -> object:
@@ -51,6 +58,9 @@ __all__ = [
     "ChatReply",
     "ToolCall",
     "chat_completion",
+    "aembed",
+    "embed",
+    "rerank",
     "MapResult",
     "achat",
     "astream",

@@ -432,6 +432,19 @@ class Broker:
         )
         return fan.run_async(self._async_engine)
 
+    def embed(self, inputs: Any, *, cfg: Optional[ModelConfig] = None, **kw: Any) -> Any:
+        """Embeddings of ``inputs`` on this Broker (see :func:`llama_broker.embeddings.embed`:
+        ``batch_size``, ``concurrency``, ``endpoints``, ``as_numpy``, body params)."""
+        from .embeddings import embed
+
+        return embed(cfg or self.cfg, inputs, broker=self, **kw)
+
+    async def aembed(self, inputs: Any, *, cfg: Optional[ModelConfig] = None, **kw: Any) -> Any:
+        """Async :meth:`embed` on the running loop."""
+        from .embeddings import aembed
+
+        return await aembed(cfg or self.cfg, inputs, broker=self, **kw)
+
     def close(self) -> None:
         """Close every pooled handle and the multi handles. Open streams are cut.
 

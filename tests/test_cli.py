@@ -16,15 +16,19 @@ from typing import Any, List, Optional
 
 import pytest
 
+import llama_broker
 from llama_broker.server import LocalServer
 
 REPO = Path(__file__).resolve().parent.parent
+# The children import the llama_broker this process imported (the checkout in
+# the dev loop, the installed wheel under `make test`).
+PKG_PARENT = Path(llama_broker.__file__).resolve().parent.parent
 
 
 def _env(**extra: str) -> "dict[str, str]":
     env = dict(os.environ)
     env.pop("LLAMA_BROKER_ENDPOINT", None)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(PKG_PARENT) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
@@ -233,8 +237,63 @@ def test_usage_errors_exit_2() -> None:
 
 @pytest.mark.llama_server
 def test_chat_without_endpoint_starts_and_stops_a_local_server() -> None:
-    proc = run_cli(["chat", "Say hi.", "--max-tokens", "8", "--seed", "1"])
+    # `make demo`'s command: the default model is a chat model that answers,
+    # not a base model echoing the prompt with template tokens
+    proc = run_cli(["chat", "What is the capital of France? Answer in one sentence.",
+                    "--max-tokens", "64", "--temperature", "0"])
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip()
+    assert "Paris" in proc.stdout, proc.stdout
+    assert not re.search(r"<\|im_(start|end)\|>|<(start|end)_of_turn>|<bos>", proc.stdout), proc.stdout
     assert "starting local llama-server" in proc.stderr
     assert "tok/s" in proc.stderr
+
+
+# -- doctor, fetch-model, --version ------------------------------------------------
+
+
+@pytest.mark.llama_server
+def test_doctor_reports_binary_model_cache_and_versions(llama_server: LocalServer) -> None:
+    # the session server is up: the binary is there and the model is fetched
+    proc = run_cli(["doctor"], timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = dict(
+        re.split(r"\s{2,}", line, maxsplit=1) for line in proc.stdout.splitlines() if re.search(r"\S\s{2,}\S", line)
+    )
+    assert rows["llama_broker"].startswith(llama_broker.__version__ + " at ")
+    assert str(PKG_PARENT / "llama_broker") in rows["llama_broker"]
+    assert "_sse" in rows["C extension"] and "abi3" in rows["C extension"]
+    assert "libcurl/" in rows["pycurl"]
+    assert llama_server.binary_path and llama_server.binary_path in rows["llama-server"]
+    assert re.search(r"version: \d+", rows["llama-server"]), rows["llama-server"]
+    assert "smollm2-135m" in rows["model"] and "sha256 ok" in rows["model"], rows["model"]
+    assert "llama_broker" in rows["cache"]
+    assert proc.stdout.rstrip().endswith("ok")
+
+
+def test_doctor_names_what_is_missing(tmp_path: Path) -> None:
+    proc = run_cli(
+        ["doctor"], timeout=60,
+        LLAMA_SERVER=str(tmp_path / "no-llama-server"), LLAMA_MODEL=str(tmp_path / "no.gguf"),
+        XDG_CACHE_HOME=str(tmp_path / "cache"),
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert re.search(r"^llama-server\s+NOT FOUND", out, re.M), out
+    assert re.search(r"^model\s+.*no\.gguf \(from \$LLAMA_MODEL\): NOT FOUND", out, re.M), out
+    assert re.search(r"^cache\s+" + re.escape(str(tmp_path / "cache" / "llama_broker")), out, re.M), out
+    assert "problems:" in out and "LLAMA_SERVER" in out
+    assert "Traceback" not in proc.stderr
+
+
+def test_doctor_says_when_the_model_is_not_fetched_yet(tmp_path: Path) -> None:
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = run_cli(["doctor"], timeout=60, **env)
+    assert re.search(r"^model\s+smollm2-135m \(the default\): not fetched yet: 98 MB .*fetch-model", proc.stdout, re.M), proc.stdout
+    assert not (tmp_path / "cache" / "llama_broker" / "models").exists()  # doctor fetches nothing
+
+
+def test_version_flag_and_unknown_model_name() -> None:
+    proc = run_cli(["--version"], timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"llama_broker {llama_broker.__version__}"
+    proc = run_cli(["fetch-model", "no-such-model"], timeout=60)
+    assert proc.returncode == 2 and "unknown model 'no-such-model'" in proc.stderr

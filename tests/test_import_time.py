@@ -17,7 +17,18 @@ import llama_broker
 ROOT = str(Path(llama_broker.__file__).resolve().parent.parent)
 
 #: never imported by `import llama_broker` (top-level packages, or llama_broker submodules)
-NOT_AT_IMPORT = ("asyncio", "ssl", "openai", "httpx", "llama_broker.native", "llama_broker.openai", "llama_broker.server")
+NOT_AT_IMPORT = (
+    "asyncio",
+    "ssl",
+    "openai",
+    "httpx",
+    "llama_broker.native",
+    "llama_broker.openai",
+    "llama_broker.server",
+    "llama_broker.embeddings",
+    "llama_broker.jobs",
+    "llama_broker.batch",
+)
 
 
 def _imported(code: str) -> Set[str]:
@@ -53,6 +64,8 @@ def test_lazy_names_resolve():
         "import sys, llama_broker as lb\n"
         "from llama_broker import ChatReply, ToolCall, chat_completion\n"
         "from llama_broker.native import ChatReply as C\n"
+        "from llama_broker import embed, aembed, rerank\n"
+        "assert callable(embed) and callable(aembed) and callable(rerank)\n"
         "assert ChatReply is C and callable(chat_completion) and ToolCall is not None\n"
         "assert set(lb.__all__) <= set(dir(lb))\n"
         "assert all(getattr(lb, n) is not None for n in lb.__all__)\n"

