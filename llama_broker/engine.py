@@ -654,15 +654,18 @@ class SyncEngine(Engine):
         ready_socks = self._wait(wait)
         if ready_socks:
             t = time.monotonic()
-            if delay > 0 and not self._busy and t < self._last_pass + delay:
-                # Data within the budget: tokens come faster than it, so gather
-                # them (the next turn holds; the data waits in the kernel).
-                self._busy = True
-                return
-            # Busy while the wait for data is shorter than the budget; a sparse
-            # stream (a token per wait longer than it) is read at once, so the
-            # budget never costs it a wake-up of its own.
-            self._busy = t - now < delay
+            if delay > 0:
+                if not self._busy:
+                    if t < self._last_pass + delay:
+                        # Data within the budget: tokens come faster than it, so
+                        # gather them (the next turn holds; the data waits in the kernel).
+                        self._busy = True
+                        return
+                else:
+                    # After a hold: data that was waiting keeps it busy; data we
+                    # had to wait for means a sparse stream, read at once from
+                    # now on, so the budget never costs it a wake-up of its own.
+                    self._busy = t - now < delay / 2
             self._last_pass = t
             self.passes += 1
             self._act_many(ready_socks)
@@ -847,11 +850,12 @@ class AsyncEngine(Engine):
         if self.closed is not None or self._ep is None:
             return
         loop = self.loop
-        self._last_pass = loop.time()
-        if self._ep_read() and self.delay > 0:
-            if self.closed is None:
-                self._pass_handle = loop.call_at(self._last_pass + self.delay, self._ep_pass)
-            return
+        now = loop.time()
+        if self._ep_read():
+            self._last_pass = now  # (an empty pass is none: the budget counts from the last read)
+            if self.delay > 0 and self.closed is None:
+                self._pass_handle = loop.call_at(now + self.delay, self._ep_pass)
+                return
         if not self._ep_watched and self.closed is None:
             loop.add_reader(self._ep.fileno(), self._ep_ready)
             self._ep_watched = True
