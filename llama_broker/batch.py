@@ -53,9 +53,9 @@ except ImportError:  # pragma: no cover - not POSIX: no lock against a second ru
     fcntl = None  # type: ignore[assignment]
 
 from .broker import Broker
-from .config import ModelConfig
+from .config import ModelConfig, endpoint_configs
 from .errors import APIError, ConfigError
-from .jobs import KINDS, Job, JobResult, JobRunner, endpoint_configs, error_code
+from .jobs import KINDS, Job, JobResult, JobRunner, error_code
 
 __all__ = [
     "BatchInputError",

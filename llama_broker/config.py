@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 import string
 import warnings
+import dataclasses
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
 from .sse import DEFAULT_MAX_EVENT_BYTES
 
-__all__ = ["ModelConfig", "SECRET_HEADERS", "check_header", "mask_headers", "mask_url"]
+__all__ = ["ModelConfig", "SECRET_HEADERS", "check_header", "endpoint_configs", "mask_headers", "mask_url"]
 
 _CHAT_PATH = "/v1/chat/completions"
 
@@ -243,3 +244,26 @@ class ModelConfig:
         body["messages"] = messages
         body["stream"] = True
         return body
+
+
+def endpoint_configs(
+    endpoints: Optional[Sequence[Union[str, "ModelConfig"]]],
+    cfg: Optional["ModelConfig"],
+    **overrides: Any,
+) -> List["ModelConfig"]:
+    """The :class:`ModelConfig` of each of ``endpoints`` (a URL takes ``cfg``'s
+    other settings, or the defaults with ``overrides`` when there is no
+    ``cfg``); just ``[cfg]`` when no endpoints are given."""
+    if not endpoints:
+        if cfg is None:
+            raise ConfigError("no endpoints and no ModelConfig")
+        return [cfg]
+    out = []
+    for i, ep in enumerate(endpoints):
+        if isinstance(ep, ModelConfig):
+            out.append(ep)
+        elif isinstance(ep, str):
+            out.append(dataclasses.replace(cfg, endpoint=ep) if cfg is not None else ModelConfig(ep, **overrides))
+        else:
+            raise ConfigError(f"endpoints[{i}] must be a URL or a ModelConfig, got {type(ep).__name__}")
+    return out

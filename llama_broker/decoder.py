@@ -69,6 +69,10 @@ try:  # optional: ~3x faster than json on the few chunks the C fast path leaves 
 except ImportError:  # pragma: no cover - exercised when orjson is absent
     _loads = _json_strict_loads
 
+#: the JSON decoder of every layer: orjson when installed, else ``json``
+#: refusing what orjson refuses, so that both installs take the same paths
+json_loads = _loads
+
 
 def _lenient_loads(payload: bytes) -> Any:
     """What the standard ``json`` module makes of a payload the strict loader

@@ -22,9 +22,9 @@ from array import array
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from .broker import Broker, default_broker
-from .config import ModelConfig
+from .config import ModelConfig, endpoint_configs
 from .errors import ConfigError, ProtocolError
-from .jobs import Job, JobRunner, endpoint_configs
+from .jobs import Job, JobRunner
 
 __all__ = ["RerankResult", "embed", "aembed", "rerank", "decode_embedding"]
 

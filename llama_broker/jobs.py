@@ -26,17 +26,17 @@ import asyncio
 import dataclasses
 import itertools
 import logging
-import random
 import time
 import uuid
 from collections import deque
 from typing import Any, AsyncGenerator, Callable, Deque, Dict, Generator, Iterable, List, Optional, Sequence, Set, Union
 
-from .config import ModelConfig
+from .config import ModelConfig, endpoint_configs, mask_url
 from .decoder import StreamResult
 from .engine import AsyncEngine, Engine, SyncEngine, Transfer
-from .errors import APIError, BrokerError, ConfigError, ConnectError, ProtocolError, TimeoutError_, TransportError
+from .errors import APIError, BrokerError, ConfigError, ConnectError, ProtocolError, TimeoutError_, TLSVerifyError, TransportError
 from .native import ChatAccumulator, ChunkDecoder, TextAccumulator, encode_body
+from .policy import backoff_s, retry_after_s
 
 try:
     from orjson import loads as _loads
@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover
 
     _loads = json.loads  # type: ignore[assignment]
 
-__all__ = ["Job", "JobResult", "JobRunner", "KINDS", "endpoint_configs", "error_code"]
+__all__ = ["Job", "JobResult", "JobRunner", "KINDS", "error_code"]
 
 log = logging.getLogger("llama_broker")
 
@@ -57,8 +57,6 @@ KINDS: Dict[str, str] = {
     "/v1/rerank": "json",
 }
 
-#: the longest an endpoint is rested after repeated failures
-MAX_REST_S = 10.0
 #: a JSON answer (embeddings of a large request) may be far larger than one stream event
 _MIN_JSON_BODY_BYTES = 512 * 1024 * 1024
 #: HTTP statuses worth sending again (the server may answer differently next time)
@@ -134,6 +132,8 @@ def error_code(err: BaseException) -> str:
 
 def _retry_kind(err: BaseException) -> int:
     """0: final; 1: send again; 2: send again and rest the endpoint."""
+    if isinstance(err, TLSVerifyError):  # the certificate will not pass next time
+        return 0
     if isinstance(err, ConnectError):
         return 2
     if isinstance(err, TimeoutError_):
@@ -145,28 +145,6 @@ def _retry_kind(err: BaseException) -> int:
             return 2
         return 1 if err.status in _RETRY_STATUSES else 0
     return 0
-
-
-def endpoint_configs(
-    endpoints: Optional[Sequence[Union[str, ModelConfig]]],
-    cfg: Optional[ModelConfig],
-    **overrides: Any,
-) -> List[ModelConfig]:
-    """ModelConfigs for ``endpoints`` (URLs take ``cfg``'s other settings, or the
-    defaults with ``overrides``); just ``cfg`` when no endpoints are given."""
-    if not endpoints:
-        if cfg is None:
-            raise ConfigError("no endpoints and no ModelConfig")
-        return [cfg]
-    out = []
-    for i, ep in enumerate(endpoints):
-        if isinstance(ep, ModelConfig):
-            out.append(ep)
-        elif isinstance(ep, str):
-            out.append(dataclasses.replace(cfg, endpoint=ep) if cfg is not None else ModelConfig(ep, **overrides))
-        else:
-            raise ConfigError(f"endpoints[{i}] must be a URL or a ModelConfig, got {type(ep).__name__}")
-    return out
 
 
 class _Endpoint:
@@ -374,13 +352,12 @@ class JobRunner:
         if kind and (self.stopping or job.attempts < self.max_attempts):
             if kind == 2:
                 ep.fails += 1
-                delay = min(MAX_REST_S, ep.cfg.retry_backoff_ms / 1000.0 * 2 ** (ep.fails - 1)) * random.uniform(
-                    0.5, 1.0
-                )
+                asked = retry_after_s(err)  # the server's Retry-After, else capped backoff with jitter
+                delay = asked if asked is not None and asked > 0 else backoff_s(ep.cfg, ep.fails)
                 ep.rest_until = time.monotonic() + delay
-                log.warning("job %r failed on %s (%s); endpoint rested %.2fs", job.key, ep.cfg.base_url, err, delay)
+                log.warning("job %r failed on %s (%s); endpoint rested %.2fs", job.key, mask_url(ep.cfg.base_url), err, delay)
             else:
-                log.warning("job %r failed on %s (%s); sent again", job.key, ep.cfg.base_url, err)
+                log.warning("job %r failed on %s (%s); sent again", job.key, mask_url(ep.cfg.base_url), err)
             if self.stopping:
                 self.dropped += 1  # not a result: a later run does it again
             else:
@@ -409,7 +386,7 @@ class JobRunner:
                 status=status,
                 attempts=job.attempts,
                 latency_s=time.monotonic() - t0,
-                endpoint=ep.cfg.base_url,
+                endpoint=mask_url(ep.cfg.base_url),
                 request_id=f"{self._rid}{next(self._n):08x}",
             )
         )

@@ -55,6 +55,7 @@ from typing import (
 
 from .broker import AsyncDeltaStream, Broker, DeltaStream, default_broker, validate_messages
 from .config import ModelConfig
+from .decoder import json_loads as _loads  # the same JSON decoder the core uses
 from .decoder import (
     Delta,
     StreamResult,
@@ -70,10 +71,6 @@ from .errors import ConfigError, ProtocolError
 from .sse import DEFAULT_MAX_EVENT_BYTES, EventSplitter
 
 
-try:  # the same JSON decoder the core uses
-    from orjson import loads as _loads
-except ImportError:  # pragma: no cover
-    _loads = json.loads  # type: ignore[assignment]
 
 __all__ = [
     "ChunkDecoder",

@@ -645,3 +645,32 @@ def test_a_job_that_failed_on_an_endpoint_goes_elsewhere() -> None:
     finally:
         dead.close()
     assert len(lines) == 40 and all(x["error"] is None for x in lines), [x["error"] for x in lines if x["error"]]
+
+
+def test_a_429_with_retry_after_is_waited_for(tmp_path: Path) -> None:
+    """The batch scheduler honours the server's Retry-After (as every native path does)."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    with open(inp, "w") as f:
+        f.write(json.dumps(chat_line("a", "a")) + "\n")
+    seen: List[float] = []
+
+    def handler(req: Request) -> Reply:
+        seen.append(time.monotonic())
+        if len(seen) == 1:
+            return api_error(429, "slow down", "rate_limit_error", headers=[("Retry-After", "1")])
+        return ok(["echo:", _content(req)], usage=True)
+
+    with LoopbackServer() as srv:
+        srv.script(handler)
+        s = run_batch(str(inp), str(out), endpoints=[srv.url], max_retries=2, progress=False)
+    assert s.exit_code == 0 and len(seen) == 2
+    assert seen[1] - seen[0] >= 0.9, f"sent again after {seen[1] - seen[0]:.2f} s, Retry-After said 1 s"
+    assert read_lines(out)[0]["response"]["body"]["choices"][0]["message"]["content"] == "echo:a"
+
+
+def test_a_tls_verification_failure_is_not_sent_again() -> None:
+    """A certificate that fails verification will fail again: one attempt, a clear error."""
+    from llama_broker.errors import TLSVerifyError
+    from llama_broker.jobs import _retry_kind
+
+    assert _retry_kind(TLSVerifyError("certificate verify failed")) == 0
