@@ -84,4 +84,4 @@ clean:
 bench-ci: install-bench
 	mkdir -p .benchmarks
 	LB_BENCH_SHORT=1 $(PYTHON) -m pytest benchmarks/ -q -p no:cacheprovider --benchmark-json=.benchmarks/bench-ci.json
-	$(PYTHON) benchmarks/report.py .benchmarks/bench-ci.json --check
+	$(PYTHON) benchmarks/report.py .benchmarks/bench-ci.json --check --check-paced

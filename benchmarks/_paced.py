@@ -117,16 +117,17 @@ class LbStream(PacedClient):
 class LbMap(PacedClient):
     """``for r in Broker.map(requests, concurrency=streams)`` (one thread)."""
 
-    def __init__(self, url: str, streams: int, params: Params) -> None:
+    def __init__(self, url: str, streams: int, params: Params, max_delay_ms: Optional[float] = None) -> None:
         import llama_broker
 
         self.broker = llama_broker.Broker(_cfg(url))
         self.streams, self.params = streams, params
+        self.kw: Dict[str, Any] = {} if max_delay_ms is None else {"max_delay_ms": max_delay_ms}
 
     def run(self, n: int) -> List[str]:
         reqs = [{"messages": h.MESSAGES, **self.params(n)} for _ in range(self.streams)]
         texts = [""] * self.streams
-        for r in self.broker.map(reqs, concurrency=self.streams, progress=False):
+        for r in self.broker.map(reqs, concurrency=self.streams, progress=False, **self.kw):
             if r.error is not None:
                 raise r.error
             texts[r.index] = r.text
@@ -155,17 +156,18 @@ class _Loop(PacedClient):
 class LbAmap(_Loop):
     """``async for r in Broker.amap(requests, concurrency=streams)``."""
 
-    def __init__(self, url: str, streams: int, params: Params) -> None:
+    def __init__(self, url: str, streams: int, params: Params, max_delay_ms: Optional[float] = None) -> None:
         import llama_broker
 
         super().__init__()
         self.broker = llama_broker.Broker(_cfg(url))
         self.streams, self.params = streams, params
+        self.kw: Dict[str, Any] = {} if max_delay_ms is None else {"max_delay_ms": max_delay_ms}
 
     async def go(self, n: int) -> List[str]:
         reqs = [{"messages": h.MESSAGES, **self.params(n)} for _ in range(self.streams)]
         texts = [""] * self.streams
-        async for r in self.broker.amap(reqs, concurrency=self.streams, progress=False):
+        async for r in self.broker.amap(reqs, concurrency=self.streams, progress=False, **self.kw):
             if r.error is not None:
                 raise r.error
             texts[r.index] = r.text
@@ -389,7 +391,8 @@ FLOOR_WAKE = "floor: multi per-wake"
 FLOOR_COALESCED = "floor: multi coalesced"
 SDK = "openai"
 
-#: name -> (factory(url, streams, params), module it needs, stream counts it runs at: "one", "many" or "all")
+#: name -> (factory(url, streams, params), module it needs, stream counts it runs at: "one", "many" or "all";
+#: "opt": all, but only when named in LB_BENCH_PACED_CLIENTS)
 CLIENTS: Dict[str, Tuple[Callable[[str, int, int], PacedClient], str, str]] = {
     "llama_broker.chat_stream": (LbChatStream, "llama_broker", "one"),
     "llama_broker.stream": (LbStream, "llama_broker", "one"),
@@ -401,6 +404,12 @@ CLIENTS: Dict[str, Tuple[Callable[[str, int, int], PacedClient], str, str]] = {
     FLOOR_WAKE: (MultiFloor, "pycurl", "all"),
     FLOOR_COALESCED: (lambda u, s, q: MultiFloor(u, s, q, sleep_s=COALESCE_MS / 1000.0), "pycurl", "all"),
 }
+#: map/amap with a given latency budget (max_delay_ms): run only when named in LB_BENCH_PACED_CLIENTS
+for _ms in (0, 2, 5, 10, 20):
+    CLIENTS[f"llama_broker.map@{_ms}ms"] = (
+        lambda u, s, q, _ms=_ms: LbMap(u, s, q, max_delay_ms=_ms), "llama_broker", "opt")
+    CLIENTS[f"llama_broker.amap@{_ms}ms"] = (
+        lambda u, s, q, _ms=_ms: LbAmap(u, s, q, max_delay_ms=_ms), "llama_broker", "opt")
 
 
 def note(name: str, streams: int) -> str:

@@ -35,8 +35,7 @@ llama_broker end to end (``chat_stream``, bulk) delivers fewer events/s than
 the pure-Python pycurl + ``json.loads`` path, times ``--margin`` (default
 1.0), and 2 when either entry is missing from the file.
 
-``--check-paced`` (not yet passed by ``make bench-ci``: today's library does
-not meet it) exits 1 when ``llama_broker.map`` on 64 paced streams
+``--check-paced`` (passed by ``make bench-ci``) exits 1 when ``llama_broker.map`` on 64 paced streams
 (``--paced-gap-ms``, default 20) costs more CPU per token than the per-wake
 ``CurlMulti`` floor in the same rounds (median per-round ratio above
 ``--paced-margin``, default 1.0), and 2 when that shape or either entry is

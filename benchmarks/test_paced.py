@@ -83,7 +83,7 @@ def tokens(gap_ms: int, streams: int, client: str) -> int:
 def clients_for(gap_ms: int, streams: int) -> List[str]:
     out = []
     for name, (_, _, where) in p.CLIENTS.items():
-        if (where == "one" and streams != 1) or (ONLY and name not in ONLY):
+        if (where == "one" and streams != 1) or ((ONLY or where == "opt") and name not in ONLY):
             continue
         if h.SHORT and streams >= 256 and (name not in SHORT_256 or gap_ms not in SHORT_256_GAPS_MS):
             continue

@@ -20,14 +20,37 @@ from .errors import (
     TLSVerifyError,
     TransportError,
 )
-from .native import ChatReply, ToolCall, chat_completion
-from .embeddings import aembed, embed, rerank
 from .sse import Event, EventSplitter
 
 __version__ = "0.1.0"
 
 # A library logs, the application decides where it goes (retries are WARNING).
 _logging.getLogger("llama_broker").addHandler(_logging.NullHandler())
+
+# Imported on first use (``import llama_broker`` stays cheap: no asyncio, no
+# native/OpenAI layers until they are asked for).
+_LAZY = {
+    "ChatReply": "native",
+    "ToolCall": "native",
+    "chat_completion": "native",
+    "aembed": "embeddings",
+    "embed": "embeddings",
+    "rerank": "embeddings",
+}
+
+
+def __getattr__(name: str) -> object:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'llama_broker' has no attribute {name!r}")
+    value = getattr(__import__(f"{__name__}.{mod}", fromlist=[name]), name)
+    globals()[name] = value  # the next access is a plain lookup
+    return value
+
+
+def __dir__() -> "list[str]":
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "APIError",

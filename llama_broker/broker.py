@@ -16,21 +16,20 @@ streams interleave on one thread without threads.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import pycurl
 
 from .config import ModelConfig
 from .decoder import Delta, StreamDecoder, StreamResult
 from .errors import APIError, BrokerError, ConfigError, ConnectError, ProtocolError, TimeoutError_, TransportError
-from .engine import AsyncEngine, SyncEngine, Transfer
+from .engine import DEFAULT_MAX_DELAY_MS, AsyncEngine, SyncEngine, Transfer
 from .fanout import Fanout, MapResult
 from .policy import Messages, validate_messages
 from .policy import backoff_s as _backoff_s  # noqa: F401 - kept importable from here
@@ -38,6 +37,9 @@ from .policy import encode_chat_body as _encode_body
 from .policy import retriable as _retriable  # noqa: F401 - kept importable from here
 from .policy import retry_delay as _retry_delay
 from .transport import Call
+
+if TYPE_CHECKING:  # imported where an asyncio call needs it: `import llama_broker` stays cheap
+    import asyncio
 
 __all__ = [
     "AsyncDeltaStream",
@@ -246,16 +248,21 @@ class Broker:
                     self._sync = eng
         return eng
 
-    def _delta_transfer(self, cfg: ModelConfig, body: bytes, queue: "Deque[Delta]") -> Transfer:
+    def _delta_transfer(
+        self, cfg: ModelConfig, body: bytes, queue: "Deque[Delta]", max_delay_ms: float = 0.0
+    ) -> Transfer:
         return Transfer(
             cfg,
             body,
             lambda t0: StreamDecoder(
                 None, queue.append, strict=cfg.strict, t0=t0, max_event_bytes=cfg.max_event_bytes
             ),
+            max_delay_ms=max_delay_ms,
         )
 
-    def stream(self, messages: Messages, *, cfg: Optional[ModelConfig] = None, **params: Any) -> "DeltaStream":
+    def stream(
+        self, messages: Messages, *, cfg: Optional[ModelConfig] = None, max_delay_ms: float = 0.0, **params: Any
+    ) -> "DeltaStream":
         """An iterator of :class:`Delta`, pulled without threads; a context manager.
 
         With ``n > 1`` the deltas of every choice come interleaved, as the
@@ -264,11 +271,12 @@ class Broker:
         open streams interleave on one thread. Leaving early
         (``close()``, the ``with`` block, or dropping it) closes the
         connection, which is how llama-server cancels a generation.
+        ``max_delay_ms`` (default 0: none) is a latency budget, as in :meth:`map`.
         """
         cfg = self._cfg(cfg)
         body = _encode_body(cfg, messages, params)
         queue: Deque[Delta] = deque()
-        t = self._delta_transfer(cfg, body, queue)
+        t = self._delta_transfer(cfg, body, queue, max_delay_ms)
         eng = self._sync_engine()
         eng.start(t)
         return DeltaStream(self, eng, t, queue)
@@ -281,6 +289,7 @@ class Broker:
         endpoints: Optional[Sequence[Union[str, ModelConfig]]] = None,
         progress: Optional[bool] = None,
         cfg: Optional[ModelConfig] = None,
+        max_delay_ms: float = DEFAULT_MAX_DELAY_MS,
     ) -> Iterator[MapResult]:
         """Run many chat requests, at most ``concurrency`` at once, over ``endpoints``.
 
@@ -295,12 +304,27 @@ class Broker:
         rests, each request waits its own backoff, as ``chat()`` would.
         A progress line is shown on a terminal's stderr unless ``progress``
         is False. One thread, no threads spawned.
+
+        ``max_delay_ms`` is the latency budget: tokens may wait that long in
+        the kernel so that one wake-up reads every stream that has data
+        (several times less CPU per token with many streams; 0: every
+        wake-up is handled at once). A pulled :meth:`stream` running on the
+        same Broker at the same time suspends it (the smallest budget wins).
         """
-        fan = Fanout(requests, concurrency=concurrency, endpoints=endpoints, cfg=cfg or self.cfg, progress=progress)
+        fan = Fanout(
+            requests,
+            concurrency=concurrency,
+            endpoints=endpoints,
+            cfg=cfg or self.cfg,
+            progress=progress,
+            max_delay_ms=max_delay_ms,
+        )
         return fan.run_sync(self._sync_engine())
 
     # -- asyncio (AsyncEngine) ---------------------------------------------------
     def _async_engine(self) -> AsyncEngine:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         eng = self._async
         if eng is None or eng.loop is not loop:
@@ -371,16 +395,19 @@ class Broker:
         await self.achat_stream(messages, parts.append, cfg=cfg, **params)
         return "".join(parts)
 
-    def astream(self, messages: Messages, *, cfg: Optional[ModelConfig] = None, **params: Any) -> "AsyncDeltaStream":
+    def astream(
+        self, messages: Messages, *, cfg: Optional[ModelConfig] = None, max_delay_ms: float = 0.0, **params: Any
+    ) -> "AsyncDeltaStream":
         """An async iterator of :class:`Delta` and async context manager, driven
         by curl's socket callbacks on the running loop. Leaving early
         (``aclose()``, the ``async with`` block, or ``break`` and dropping the
         stream) or cancelling closes the connection. The request is sent, and
-        its timeouts start, at the first ``async for``/``async with``."""
+        its timeouts start, at the first ``async for``/``async with``.
+        ``max_delay_ms`` (default 0: none) is a latency budget, as in :meth:`map`."""
         cfg = self._cfg(cfg)
         body = _encode_body(cfg, messages, params)
         queue: Deque[Delta] = deque()
-        t = self._delta_transfer(cfg, body, queue)
+        t = self._delta_transfer(cfg, body, queue, max_delay_ms)
         return AsyncDeltaStream(self._async_engine, t, queue)
 
     def amap(
@@ -391,9 +418,18 @@ class Broker:
         endpoints: Optional[Sequence[Union[str, ModelConfig]]] = None,
         progress: Optional[bool] = None,
         cfg: Optional[ModelConfig] = None,
+        max_delay_ms: float = DEFAULT_MAX_DELAY_MS,
     ) -> AsyncIterator[MapResult]:
-        """Async twin of :meth:`map` (``async for r in broker.amap(...)``)."""
-        fan = Fanout(requests, concurrency=concurrency, endpoints=endpoints, cfg=cfg or self.cfg, progress=progress)
+        """Async twin of :meth:`map` (``async for r in broker.amap(...)``), with
+        the same latency budget ``max_delay_ms``."""
+        fan = Fanout(
+            requests,
+            concurrency=concurrency,
+            endpoints=endpoints,
+            cfg=cfg or self.cfg,
+            progress=progress,
+            max_delay_ms=max_delay_ms,
+        )
         return fan.run_async(self._async_engine)
 
     def embed(self, inputs: Any, *, cfg: Optional[ModelConfig] = None, **kw: Any) -> Any:
@@ -475,6 +511,7 @@ class DeltaStream:
         self._t = transfer
         self._queue = queue
         self._raised = False
+        self._ready = lambda: bool(queue) or transfer.done  # (made once: __next__ runs per delta)
 
     @property
     def result(self) -> Optional[StreamResult]:
@@ -508,7 +545,7 @@ class DeltaStream:
             if t.done:
                 self._end()
                 raise StopIteration
-            self._engine.drive(lambda: bool(q) or t.done)
+            self._engine.drive(self._ready)
 
     def close(self) -> None:
         """Stop now: the connection is closed (the server cancels the generation)."""

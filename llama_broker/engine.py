@@ -18,12 +18,10 @@ transfer that delivered output is never sent again.
 
 from __future__ import annotations
 
-import asyncio
 import select
-import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pycurl
 
@@ -33,10 +31,35 @@ from .errors import BrokerError, ConfigError, TimeoutError_, TransportError
 from .policy import retry_delay
 from .transport import Call
 
-__all__ = ["Transfer", "Engine", "SyncEngine", "AsyncEngine"]
+if TYPE_CHECKING:  # asyncio is imported by the asyncio calls only (it costs ~30 ms)
+    import asyncio
+
+__all__ = ["Transfer", "Engine", "SyncEngine", "AsyncEngine", "DEFAULT_MAX_DELAY_MS", "check_max_delay"]
 
 
 DecoderFactory = Callable[[float], StreamDecoder]
+
+#: The latency budget ``Broker.map``/``amap`` (and ``Fanout``) use by default, in ms.
+DEFAULT_MAX_DELAY_MS = 10.0
+#: The largest budget accepted (it delays bytes, so it must stay far below any timeout).
+MAX_DELAY_LIMIT_MS = 1000.0
+
+
+def check_max_delay(max_delay_ms: float) -> float:
+    """Validate a latency budget ``max_delay_ms`` and return it as a float.
+
+    With a budget, an engine lets bytes wait in the kernel: after a pass over
+    the ready sockets it does not read sockets again until ``max_delay_ms``
+    after that pass, then handles every ready socket in one pass (one wake-up
+    for many tokens). A transfer's bytes wait at most that long; an engine
+    uses the smallest budget of the transfers it runs, so a transfer with no
+    budget (0, the default of the interactive calls) is never delayed.
+    """
+    if isinstance(max_delay_ms, bool) or not isinstance(max_delay_ms, (int, float)):
+        raise ConfigError(f"max_delay_ms must be a number of milliseconds, got {max_delay_ms!r}")
+    if not 0 <= max_delay_ms <= MAX_DELAY_LIMIT_MS:  # (NaN fails too)
+        raise ConfigError(f"max_delay_ms must be between 0 and {MAX_DELAY_LIMIT_MS:g}, got {max_delay_ms!r}")
+    return float(max_delay_ms)
 
 
 class Transfer:
@@ -68,6 +91,7 @@ class Transfer:
         "tag",
         "redirects",
         "streaming",
+        "max_delay",
         "_last_n",
         "_last_change",
     )
@@ -83,6 +107,7 @@ class Transfer:
         url: Optional[str] = None,
         tag: Any = None,
         streaming: bool = True,
+        max_delay_ms: float = 0.0,
     ) -> None:
         self.cfg = cfg
         self.body = body
@@ -108,6 +133,8 @@ class Transfer:
         #: False for a plain JSON request (``Accept: application/json``; the
         #: decoder's ``feed_whole`` gets the body)
         self.streaming = streaming
+        #: the latency budget in seconds (see :func:`check_max_delay`); 0: every wake-up is handled at once
+        self.max_delay = check_max_delay(max_delay_ms) / 1000.0
         self._last_n = -1
         self._last_change = 0.0
 
@@ -144,6 +171,20 @@ class Engine:
         self._release = release
         self.multi = pycurl.CurlMulti()
         self.active: Dict[int, Transfer] = {}  # id(handle) -> transfer
+        #: the latency budget in force (s): the smallest of the running transfers' (0 if none)
+        self.delay = 0.0
+        self._budgets: Dict[float, int] = {}  # budget -> running transfers with it
+        #: passes over ready sockets so far (a wake-up that read data)
+        self.passes = 0
+
+    def _budget(self, delay: float, n: int) -> None:
+        b = self._budgets
+        k = b.get(delay, 0) + n
+        if k > 0:
+            b[delay] = k
+        else:
+            b.pop(delay, None)
+        self.delay = min(b) if b else 0.0
 
     def set_max_host_connections(self, n: int) -> None:
         if n:
@@ -182,6 +223,7 @@ class Engine:
         t._last_n = -1
         t._last_change = time.monotonic()
         self.active[id(handle)] = t
+        self._budget(t.max_delay, 1)
         self.multi.add_handle(handle)
 
     def _detach(self, t: Transfer, *, reuse: bool) -> None:
@@ -189,7 +231,8 @@ class Engine:
         if handle is None:
             return
         t.handle = None
-        self.active.pop(id(handle), None)
+        if self.active.pop(id(handle), None) is not None:
+            self._budget(t.max_delay, -1)
         self.multi.remove_handle(handle)
         if reuse:
             handle.reset()  # drops the Call's callbacks; keeps the connection cache
@@ -329,17 +372,25 @@ class SyncEngine(Engine):
         self._poll = select.poll() if hasattr(select, "poll") else None
         # the turn (see the class docstring); an RLock, because a finalizer
         # may run on a thread that is inside one of these sections
-        self._cv = threading.Condition(threading.RLock())
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
+        self._sleepers = 0  # threads in self._cv.wait() (nobody to notify: no notify_all per turn)
         self._owner: Optional[int] = None
         self._depth = 0
         self._wanted = 0  # threads waiting to start, cut or close
         self._in_curl = False  # inside socket_action: no multi call may be made
         self._dropped: List[Transfer] = []  # cut at the end of the current turn
+        import socket  # (here: `import llama_broker` stays cheap)
+
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        if self._poll is not None:
+        self._wake_poll = select.poll() if self._poll is not None else None  # the wake-up alone: a budget's wait
+        if self._poll is not None and self._wake_poll is not None:
             self._poll.register(self._wake_r.fileno(), select.POLLIN)
+            self._wake_poll.register(self._wake_r.fileno(), select.POLLIN)
+        self._last_pass = float("-inf")  # when sockets were last read (the latency budget counts from it)
+        self._busy = False  # data came within the budget: hold before waiting on sockets again
         self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
         self.multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
 
@@ -372,8 +423,7 @@ class SyncEngine(Engine):
         return False when ``ready()`` becomes true or ``max_wait`` passes while
         another thread has it. Without: wake the driver and wait for the turn."""
         me = threading.get_ident()
-        cv = self._cv
-        with cv:
+        with self._lock:  # (the Condition's lock: `with` on it directly is one Python call less)
             if self._owner == me:
                 self._depth += 1
                 return True
@@ -385,25 +435,37 @@ class SyncEngine(Engine):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return False
-                    cv.wait(left)
+                    self._sleep(left)
             else:
                 self._wanted += 1
                 try:
                     while self._owner is not None:
                         self._wake()
-                        cv.wait(0.5)
+                        self._sleep(0.5)
                 finally:
                     self._wanted -= 1
             self._owner = me
             self._depth = 1
             return True
 
+    def _sleep(self, timeout: float) -> None:
+        """Wait (lock held) for the turn to end or ``timeout`` s."""
+        self._sleepers += 1
+        try:
+            self._cv.wait(timeout)
+        finally:
+            self._sleepers -= 1
+
     def _leave(self) -> None:
         """End the turn; cut the transfers dropped meanwhile first."""
-        cv = self._cv
+        cv = self._lock
         with cv:
             if self._depth > 1:
                 self._depth -= 1
+                return
+            if not self._dropped or self.closed:  # (the common case, in one step)
+                self._dropped.clear()
+                self._release_turn()
                 return
         try:
             while True:
@@ -424,7 +486,8 @@ class SyncEngine(Engine):
     def _release_turn(self) -> None:
         self._owner = None
         self._depth = 0
-        self._cv.notify_all()
+        if self._sleepers:
+            self._cv.notify_all()
 
     def _wake(self) -> None:
         try:
@@ -520,16 +583,23 @@ class SyncEngine(Engine):
 
     # -- driving -------------------------------------------------------------------
     def _act(self, fd: int, events: int) -> None:
+        self._act_many([(fd, events)])
+
+    def _act_many(self, ready: List[Tuple[int, int]]) -> None:
+        """``socket_action`` for each ready socket, then one :meth:`collect`."""
         m = self.multi
+        running = -1
         self._in_curl = True
         try:
-            while True:
-                ret, _ = m.socket_action(fd, events)
-                if ret != pycurl.E_CALL_MULTI_PERFORM:
-                    break
+            for fd, events in ready:
+                while True:
+                    ret, running = m.socket_action(fd, events)
+                    if ret != pycurl.E_CALL_MULTI_PERFORM:
+                        break
         finally:
             self._in_curl = False
-        self.collect()
+        if running != len(self.active):  # (equal: curl finished none of them, nothing to collect)
+            self.collect()
 
     def drive(self, ready: Callable[[], bool], max_wait: float = 1.0) -> None:
         """One turn: run curl, finish what is done, start due retries, and wait
@@ -573,8 +643,42 @@ class SyncEngine(Engine):
         wait = min(wait, self._next_watch - now)
         if wait <= 0:
             return
-        for fd, events in self._wait(wait):
-            self._act(fd, events)
+        delay = self.delay
+        if delay > 0 and self._busy:
+            hold = self._last_pass + delay - now
+            if hold > 0:
+                # The latency budget: let the tokens gather in the kernel; only
+                # a wake-up (start, cut, close from another thread) ends it early.
+                self._hold(min(hold, wait))
+                return
+        ready_socks = self._wait(wait)
+        if ready_socks:
+            t = time.monotonic()
+            if delay > 0:
+                if not self._busy:
+                    if t < self._last_pass + delay:
+                        # Data within the budget: tokens come faster than it, so
+                        # gather them (the next turn holds; the data waits in the kernel).
+                        self._busy = True
+                        return
+                else:
+                    # After a hold: data that was waiting keeps it busy; data we
+                    # had to wait for means a sparse stream, read at once from
+                    # now on, so the budget never costs it a wake-up of its own.
+                    self._busy = t - now < delay / 2
+            self._last_pass = t
+            self.passes += 1
+            self._act_many(ready_socks)
+
+    def _hold(self, wait: float) -> None:
+        """Sleep ``wait`` s unless woken (the sockets are not watched meanwhile)."""
+        if self._wake_poll is not None:
+            if self._wake_poll.poll(max(1, int(wait * 1000 + 0.999))):
+                self._drain_wake()
+            return
+        r, _, _ = select.select([self._wake_r.fileno()], [], [], wait)  # (no poll(): Windows)
+        if r:
+            self._drain_wake()
 
     def _wait(self, wait: float) -> List[Tuple[int, int]]:
         """Wait up to ``wait`` s for curl's sockets (or a wake-up); the ready
@@ -646,6 +750,20 @@ class AsyncEngine(Engine):
         self._acting = False  # inside socket_action (curl's callbacks): curl handles cannot be closed
         #: why the engine was closed (None while open)
         self.closed: Optional[str] = None
+        # Where epoll exists, curl's sockets are watched by an epoll set of
+        # our own and the loop watches that one descriptor: a wake-up reads
+        # every ready socket (one loop callback, however many streams), and
+        # the latency budget (Engine.delay) pauses one reader, not one per
+        # socket. asyncio's readers are level-triggered: while the budget
+        # runs the epoll reader is removed (kept, it would fire on every loop
+        # turn) and one timer per engine restores it for the next pass.
+        self._ep = select.epoll() if hasattr(select, "epoll") else None
+        self._ep_watched = False  # the loop has a reader on the epoll set
+        # Without epoll each socket has its own reader; under a budget a
+        # socket that becomes readable loses it and waits in _held.
+        self._held: Dict[int, None] = {}  # fd -> None, in the order they became ready
+        self._pass_handle: Optional[asyncio.Handle] = None
+        self._last_pass = float("-inf")  # loop.time() of the last pass
         self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
         self.multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
 
@@ -655,6 +773,34 @@ class AsyncEngine(Engine):
             self._fds.pop(fd, None)
             return
         loop = self.loop
+        ep = self._ep
+        if ep is not None:
+            old_what = self._fds.pop(fd, None)
+            if what == pycurl.POLL_REMOVE:
+                if old_what is not None:
+                    try:
+                        ep.unregister(fd)
+                    except OSError:  # already closed (the kernel dropped it)
+                        pass
+                return
+            mask = (select.EPOLLIN if what in (pycurl.POLL_IN, pycurl.POLL_INOUT) else 0) | (
+                select.EPOLLOUT if what in (pycurl.POLL_OUT, pycurl.POLL_INOUT) else 0
+            )
+            try:
+                if old_what is None:
+                    ep.register(fd, mask)
+                else:
+                    ep.modify(fd, mask)
+            except OSError:  # a descriptor number reused behind our back
+                try:
+                    ep.modify(fd, mask)
+                except OSError:
+                    ep.register(fd, mask)
+            self._fds[fd] = what
+            if not self._ep_watched and self._pass_handle is None:
+                loop.add_reader(ep.fileno(), self._ep_ready)
+                self._ep_watched = True
+            return
         old = self._fds.pop(fd, None)
         if old is not None:
             if old in (pycurl.POLL_IN, pycurl.POLL_INOUT):
@@ -662,9 +808,10 @@ class AsyncEngine(Engine):
             if old in (pycurl.POLL_OUT, pycurl.POLL_INOUT):
                 loop.remove_writer(fd)
         if what == pycurl.POLL_REMOVE:
+            self._held.pop(fd, None)
             return
         if what in (pycurl.POLL_IN, pycurl.POLL_INOUT):
-            loop.add_reader(fd, self._act, fd, pycurl.CSELECT_IN)
+            loop.add_reader(fd, self._readable, fd)
         if what in (pycurl.POLL_OUT, pycurl.POLL_INOUT):
             loop.add_writer(fd, self._act, fd, pycurl.CSELECT_OUT)
         self._fds[fd] = what
@@ -677,22 +824,117 @@ class AsyncEngine(Engine):
             self._timer = self.loop.call_later(timeout_ms / 1000.0, self._act, pycurl.SOCKET_TIMEOUT, 0)
 
     # loop -> curl ----------------------------------------------------------------
+    def _ep_ready(self) -> None:
+        """The epoll set is readable: a pass now, or once the budget is spent."""
+        if self.closed is not None:
+            return
+        d = self.delay
+        if d > 0:
+            loop = self.loop
+            now = loop.time()
+            at = self._last_pass + d
+            if now < at:
+                assert self._ep is not None
+                loop.remove_reader(self._ep.fileno())
+                self._ep_watched = False
+                self._pass_handle = loop.call_at(at, self._ep_pass)
+                return
+            self._last_pass = now
+        self._ep_read()
+
+    def _ep_pass(self) -> None:
+        """The budget is spent: read what is ready. While there is something,
+        the next pass comes one budget later (still without a reader: busy
+        streams cost one timer per budget); else watch the epoll set again."""
+        self._pass_handle = None
+        if self.closed is not None or self._ep is None:
+            return
+        loop = self.loop
+        now = loop.time()
+        if self._ep_read():
+            self._last_pass = now  # (an empty pass is none: the budget counts from the last read)
+            if self.delay > 0 and self.closed is None:
+                self._pass_handle = loop.call_at(now + self.delay, self._ep_pass)
+                return
+        if not self._ep_watched and self.closed is None:
+            loop.add_reader(self._ep.fileno(), self._ep_ready)
+            self._ep_watched = True
+
+    def _ep_read(self) -> bool:
+        """One pass: every ready socket of the epoll set to curl (False: none was ready)."""
+        assert self._ep is not None
+        events = self._ep.poll(0)
+        if not events:
+            return False
+        self.passes += 1
+        ready = []
+        for fd, ev in events:
+            flags = 0
+            if ev & (select.EPOLLIN | select.EPOLLPRI | select.EPOLLHUP | select.EPOLLRDHUP):
+                flags |= pycurl.CSELECT_IN
+            if ev & select.EPOLLOUT:
+                flags |= pycurl.CSELECT_OUT
+            if ev & select.EPOLLERR:
+                flags |= pycurl.CSELECT_ERR
+            ready.append((fd, flags))
+        self._act_many(ready)
+        return True
+
+    def _readable(self, fd: int) -> None:
+        """A socket's reader fired: act now, or hold it for the next pass (budget)."""
+        if self.delay <= 0 and not self._held:
+            self.passes += 1
+            self._act_many(((fd, pycurl.CSELECT_IN),))
+            return
+        self.loop.remove_reader(fd)  # restored by the pass (or by curl's next socket callback)
+        self._held[fd] = None
+        if self._pass_handle is None:
+            loop = self.loop
+            at = self._last_pass + self.delay
+            if at <= loop.time():  # the budget is spent: after this loop turn's other ready sockets
+                self._pass_handle = loop.call_soon(self._pass)
+            else:
+                self._pass_handle = loop.call_at(at, self._pass)
+
+    def _pass(self) -> None:
+        """Read every held socket in one pass and watch them again."""
+        self._pass_handle = None
+        if self.closed is not None:
+            return
+        loop = self.loop
+        self._last_pass = loop.time()
+        self.passes += 1
+        held, self._held = self._held, {}
+        fds = self._fds
+        for fd in held:
+            if fds.get(fd) in (pycurl.POLL_IN, pycurl.POLL_INOUT):
+                loop.add_reader(fd, self._readable, fd)
+        self._act_many([(fd, pycurl.CSELECT_IN) for fd in held])
+
     def _act(self, fd: int, events: int) -> None:
+        self._act_many(((fd, events),))
+
+    def _act_many(self, ready: Sequence[Tuple[int, int]]) -> None:
         if self.closed is not None:
             return
         m = self.multi
+        running = -1
         self._acting = True
         try:
-            while True:
-                ret, _ = m.socket_action(fd, events)
-                if ret != pycurl.E_CALL_MULTI_PERFORM:
+            for fd, events in ready:
+                while True:
+                    ret, running = m.socket_action(fd, events)
+                    if ret != pycurl.E_CALL_MULTI_PERFORM:
+                        break
+                if self.closed is not None:
                     break
         finally:
             self._acting = False
         if self.closed is not None:  # closed from a callback (an on_delta): curl is free now
             self._teardown()
             return
-        self.collect()
+        if running != len(self.active):  # (equal: curl finished none of them, nothing to collect)
+            self.collect()
 
     def check_open(self) -> None:
         """Raise the :class:`TransportError` of a closed engine (no-op while open)."""
@@ -740,18 +982,25 @@ class AsyncEngine(Engine):
             return
         self.closed = reason
         alive = not self.loop.is_closed()
-        if alive:
+        if self._ep is not None:
+            if alive and self._ep_watched:
+                self.loop.remove_reader(self._ep.fileno())
+            self._ep_watched = False
+            self._ep.close()
+        elif alive:
             for fd, what in list(self._fds.items()):
                 if what in (pycurl.POLL_IN, pycurl.POLL_INOUT):
                     self.loop.remove_reader(fd)
                 if what in (pycurl.POLL_OUT, pycurl.POLL_INOUT):
                     self.loop.remove_writer(fd)
         self._fds.clear()
+        self._held.clear()
         if alive:
-            for h in (self._timer, self._watch, *self._retrying.values()):
+            for h in (self._timer, self._watch, self._pass_handle, *self._retrying.values()):
                 if h is not None:
                     h.cancel()
         self._timer = self._watch = None
+        self._pass_handle = None
         waiting = list(self._retrying)
         self._retrying.clear()
         ended: List[Any] = []

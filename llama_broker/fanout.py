@@ -27,20 +27,22 @@ Resting and retrying follow the blocking path's policy (``policy.py``), so
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Union
 
 from .config import ModelConfig, mask_url
 from .decoder import StreamDecoder, StreamResult
-from .engine import AsyncEngine, Engine, SyncEngine, Transfer
+from .engine import DEFAULT_MAX_DELAY_MS, AsyncEngine, Engine, SyncEngine, Transfer, check_max_delay
 from .errors import BrokerError, ConfigError, TransportError
 from .policy import backoff_s, encode_chat_body, retriable, retry_after_s
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["MapResult", "Fanout"]
 
@@ -168,7 +170,10 @@ class Fanout:
         endpoints: Optional[Sequence[Union[str, ModelConfig]]],
         cfg: Optional[ModelConfig],
         progress: Optional[bool],
+        max_delay_ms: float = DEFAULT_MAX_DELAY_MS,
     ) -> None:
+        #: the latency budget of every request (see ``engine.check_max_delay``)
+        self.max_delay_ms = check_max_delay(max_delay_ms)
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(f"map: concurrency must be a positive int, got {concurrency!r}")
         self.concurrency = concurrency
@@ -274,7 +279,15 @@ class Fanout:
         now = time.monotonic()
         if item.attempts == 0:
             item.deadline = now + cfg.timeout_ms / 1000.0
-        t = Transfer(cfg, body, make_decoder, on_done=self._on_done, retry=False, tag=(item, ep, parts, now))
+        t = Transfer(
+            cfg,
+            body,
+            make_decoder,
+            on_done=self._on_done,
+            retry=False,
+            tag=(item, ep, parts, now),
+            max_delay_ms=self.max_delay_ms,
+        )
         t.deadline = min(t.deadline, item.deadline)  # timeout_ms bounds the request, retries included
         item.attempts += 1
         ep.outstanding += 1
