@@ -54,6 +54,7 @@ except ImportError:  # pragma: no cover - not POSIX: no lock against a second ru
 
 from .broker import Broker
 from .config import ModelConfig, endpoint_configs
+from .engine import DEFAULT_MAX_DELAY_MS
 from .errors import APIError, ConfigError
 from .jobs import KINDS, Job, JobResult, JobRunner, error_code
 
@@ -589,6 +590,7 @@ def run_batch(
     handle_sigint: bool = True,
     log_stream: Optional[TextIO] = None,
     on_problem: Optional[Callable[[int, str], None]] = None,
+    max_delay_ms: float = DEFAULT_MAX_DELAY_MS,
 ) -> BatchSummary:
     """Run the batch file ``input_path`` into ``output_path`` (see the module docstring).
 
@@ -599,6 +601,8 @@ def run_batch(
     on a terminal and a log line every ``progress_interval`` s elsewhere
     (``log_stream``, default stderr), False nothing. ``summary_path`` gets the
     :class:`BatchSummary` as JSON. ``timeout_s`` bounds one request (600 s).
+    ``max_delay_ms`` is the engines' latency budget (default 10 ms: tokens may
+    wait that long in the kernel, so one wake-up reads every ready stream).
 
     Raises :class:`BatchInputError` (nothing sent, nothing written) for a bad
     file, :class:`BatchInterrupted` after Ctrl-C (``handle_sigint``, main
@@ -631,7 +635,13 @@ def run_batch(
         if err_out is not None:
             err_out.close()
         raise
-    runner = JobRunner(_file_jobs(input_path, done), endpoints=cfgs, concurrency=concurrency, max_retries=max_retries)
+    runner = JobRunner(
+        _file_jobs(input_path, done),
+        endpoints=cfgs,
+        concurrency=concurrency,
+        max_retries=max_retries,
+        max_delay_ms=max_delay_ms,
+    )
     own = broker is None
     b = broker if broker is not None else Broker(pool_size=max(32, concurrency))
     prog = _Progress(progress, stats, stream, progress_interval)
@@ -716,6 +726,7 @@ def iter_batch(
     max_retries: int = 2,
     timeout_s: Optional[float] = None,
     broker: Optional[Broker] = None,
+    max_delay_ms: float = DEFAULT_MAX_DELAY_MS,
 ) -> Iterator[Dict[str, Any]]:
     """Run in-memory batch requests (dicts in the input line format); yields
     each output object (as :func:`run_batch` writes them) as it completes.
@@ -750,7 +761,9 @@ def iter_batch(
             seen.add(obj["custom_id"])
             yield Job(obj["custom_id"], obj["url"], obj["body"])
 
-    runner = JobRunner(jobs(), endpoints=cfgs, concurrency=concurrency, max_retries=max_retries)
+    runner = JobRunner(
+        jobs(), endpoints=cfgs, concurrency=concurrency, max_retries=max_retries, max_delay_ms=max_delay_ms
+    )
     own = broker is None
     b = broker if broker is not None else Broker(pool_size=max(32, concurrency))
     try:
@@ -792,6 +805,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--summary", help="write the run's summary here as JSON")
     p.add_argument("--timeout", type=float, default=None, help=f"seconds for one request (default {DEFAULT_TIMEOUT_S:.0f})")
     p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines off a terminal")
+    p.add_argument(
+        "--max-delay-ms",
+        type=float,
+        default=DEFAULT_MAX_DELAY_MS,
+        help=f"latency budget: tokens may wait this long so one wake-up reads every stream (default {DEFAULT_MAX_DELAY_MS:g})",
+    )
     p.add_argument("--verbose", "-v", action="store_true", help="log every retry")
     return p
 
@@ -825,6 +844,7 @@ def batch_command(args: argparse.Namespace, err: TextIO) -> int:
             errors_path=args.errors,
             progress=False if args.no_progress else None,
             progress_interval=args.progress_interval,
+            max_delay_ms=args.max_delay_ms,
             summary_path=args.summary,
             timeout_s=args.timeout,
             log_stream=err,

@@ -33,7 +33,7 @@ from typing import Any, AsyncGenerator, Callable, Deque, Dict, Generator, Iterab
 
 from .config import ModelConfig, endpoint_configs, mask_url
 from .decoder import StreamResult
-from .engine import AsyncEngine, Engine, SyncEngine, Transfer
+from .engine import DEFAULT_MAX_DELAY_MS, AsyncEngine, Engine, SyncEngine, Transfer, check_max_delay
 from .errors import APIError, BrokerError, ConfigError, ConnectError, ProtocolError, TimeoutError_, TLSVerifyError, TransportError
 from .native import ChatAccumulator, ChunkDecoder, TextAccumulator, encode_body
 from .policy import backoff_s, retry_after_s
@@ -193,7 +193,10 @@ def _with_usage(body: Dict[str, Any]) -> Dict[str, Any]:
 
 class JobRunner:
     """At most ``concurrency`` jobs in flight over ``endpoints`` (see the module
-    docstring). A job is tried at most ``len(endpoints) + max_retries`` times."""
+    docstring). A job is tried at most ``len(endpoints) + max_retries`` times.
+    ``max_delay_ms`` is the latency budget of the engines (default 10 ms, as
+    ``map``): data may wait that long in the kernel so one wake-up reads every
+    ready socket."""
 
     def __init__(
         self,
@@ -202,6 +205,7 @@ class JobRunner:
         endpoints: Sequence[ModelConfig],
         concurrency: int,
         max_retries: int = 2,
+        max_delay_ms: float = DEFAULT_MAX_DELAY_MS,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(f"concurrency must be a positive int, got {concurrency!r}")
@@ -210,6 +214,9 @@ class JobRunner:
         if not endpoints:
             raise ConfigError("no endpoints")
         self.concurrency = concurrency
+        #: the latency budget of every transfer (a job's result is handed out whole, so
+        #: its tokens may wait in the kernel: see engine.check_max_delay)
+        self.max_delay_ms = check_max_delay(max_delay_ms)
         self.eps = [_Endpoint(c, i) for i, c in enumerate(endpoints)]
         self.max_attempts = len(self.eps) + max_retries
         self._iter = iter(jobs)
@@ -319,6 +326,7 @@ class JobRunner:
             url=cfg.base_url + job.path,
             tag=(job, ep, holder),
             streaming=kind != "json",
+            max_delay_ms=self.max_delay_ms,
         )
         job.attempts += 1
         ep.outstanding += 1

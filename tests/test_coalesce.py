@@ -223,3 +223,46 @@ def test_a_sparse_stream_costs_no_extra_wake_up(how, monkeypatch):
     assert passes >= n  # one pass per token: none was held back
     # (the events that come together, at the start and at the end, may be held)
     assert calls["hold"] + calls["timer_pass"] <= 6, calls
+
+
+@pytest.mark.parametrize("budget_ms", [50.0, 0.0])
+def test_batch_jobs_take_the_budget(budget_ms):
+    """A batch job hands its results out whole, so it runs with a budget (the
+    default is map's); with one, the engine's passes are bounded by it."""
+    from llama_broker.batch import iter_batch
+
+    n = 32
+    tags = [f"j{i:02d}" for i in range(n)]
+    lines = [
+        {
+            "custom_id": t,
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"messages": msgs(t), "x_tokens": TOKENS, "x_gap": GAP_S},
+        }
+        for t in tags
+    ]
+    with ConcServer() as srv, Broker(cfg_for(srv.url)) as b:
+        t0 = time.monotonic()
+        out = list(iter_batch(lines, endpoints=[srv.url], concurrency=n, broker=b, max_delay_ms=budget_ms))
+        took = time.monotonic() - t0
+        assert b._sync is not None
+        passes = b._sync.passes
+    texts = {o["custom_id"]: o["response"]["body"]["choices"][0]["message"]["content"] for o in out}
+    assert texts == {t: text_for(t, TOKENS) for t in tags}
+    if budget_ms:
+        assert passes <= took / (budget_ms / 1000.0) + 2, (passes, took)
+    else:
+        assert passes >= TOKENS, passes
+
+
+def test_batch_default_budget_is_maps():
+    import inspect
+
+    from llama_broker.batch import iter_batch, run_batch
+    from llama_broker.jobs import JobRunner
+
+    for f in (iter_batch, run_batch, JobRunner.__init__):
+        assert inspect.signature(f).parameters["max_delay_ms"].default == DEFAULT_MAX_DELAY_MS
+    with pytest.raises(ConfigError):
+        list(iter_batch([], endpoints=["http://127.0.0.1:9"], max_delay_ms=-1))
