@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, IO, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, TextIO, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, TextIO, Tuple, Union
 
 try:
     import fcntl

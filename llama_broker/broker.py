@@ -27,14 +27,12 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Deque, Iterable,
 import pycurl
 
 from .config import ModelConfig
-from .decoder import Delta, StreamDecoder, StreamResult
-from .errors import APIError, BrokerError, ConfigError, ConnectError, ProtocolError, TimeoutError_, TransportError
+from .decoder import Delta, JSONBody, StreamDecoder, StreamResult
+from .errors import BrokerError, ConfigError
 from .engine import DEFAULT_MAX_DELAY_MS, AsyncEngine, SyncEngine, Transfer
 from .fanout import Fanout, MapResult
 from .policy import Messages, validate_messages
-from .policy import backoff_s as _backoff_s  # noqa: F401 - kept importable from here
 from .policy import encode_chat_body as _encode_body
-from .policy import retriable as _retriable  # noqa: F401 - kept importable from here
 from .policy import retry_delay as _retry_delay
 from .transport import Call
 
@@ -168,7 +166,7 @@ class Broker:
                 data = json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
             except (TypeError, ValueError, UnicodeEncodeError) as e:
                 raise ConfigError(f"the {method} {path} body cannot be sent as JSON: {e}") from e
-        whole = _WholeBody()
+        whole = JSONBody()
         self._perform(cfg, data, lambda t0: whole, url=cfg.base_url + path, method=method, streaming=False)  # type: ignore[arg-type, return-value]
         return whole.value
 
@@ -473,24 +471,6 @@ class Broker:
 
     def __repr__(self) -> str:
         return f"Broker(cfg={self.cfg!r}, idle_handles={len(self._idle)})"
-
-
-class _WholeBody:
-    """The "decoder" of a non-streamed JSON request: keeps the parsed body."""
-
-    def __init__(self) -> None:
-        self.result = StreamResult()
-        self.value: Any = None
-
-    def feed(self, out: bytes, recs: List[int]) -> None:  # pragma: no cover - never streaming
-        raise AssertionError("a JSON request got an event stream")
-
-    def feed_whole(self, body: bytes) -> None:
-        try:
-            self.value = json.loads(body) if body.strip() else None
-        except ValueError as e:
-            raise ProtocolError(f"the server's JSON body cannot be decoded: {body[:200]!r}") from e
-        self.result.done = True
 
 
 class DeltaStream:

@@ -22,7 +22,7 @@ from ._sse import ffi, lib
 from .errors import APIError, ProtocolError
 from .sse import DEFAULT_MAX_EVENT_BYTES, EventSplitter
 
-__all__ = ["Delta", "StreamResult", "StreamDecoder", "api_error_from_body"]
+__all__ = ["Delta", "JSONBody", "StreamResult", "StreamDecoder", "api_error_from_body", "json_loads"]
 
 
 def _refuse_constant(name: str) -> Any:
@@ -655,3 +655,34 @@ class StreamDecoder:
         self._general(b"", whole_body_as_chunk(body))
         self.result.done = True
 
+
+
+class JSONBody:
+    """The "decoder" of a plain (non-streamed) JSON request: keeps the parsed
+    body in ``value``. An empty body is ``None``, unless ``require_object``
+    (then it, and anything but a JSON object, is a :class:`ProtocolError`).
+    A body only the standard ``json`` module reads (NaN, lone surrogates) is
+    read with it rather than refused."""
+
+    __slots__ = ("result", "value", "require_object")
+
+    def __init__(self, require_object: bool = False) -> None:
+        self.result = StreamResult()
+        self.value: Any = None
+        self.require_object = require_object
+
+    def feed(self, out: bytes, recs: List[int]) -> None:
+        raise ProtocolError("a JSON endpoint answered with an event stream")
+
+    def feed_whole(self, body: bytes) -> None:
+        if body.strip() or self.require_object:
+            try:
+                try:
+                    self.value = json_loads(body)
+                except ValueError:
+                    self.value = json.loads(body)
+            except ValueError as e:
+                raise ProtocolError(f"the server's JSON body cannot be decoded: {body[:200]!r}") from e
+            if self.require_object and self.value.__class__ is not dict:
+                raise ProtocolError(f"the server's JSON body is not an object: {body[:200]!r}")
+        self.result.done = True

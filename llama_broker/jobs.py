@@ -29,21 +29,15 @@ import logging
 import time
 import uuid
 from collections import deque
-from typing import Any, AsyncGenerator, Callable, Deque, Dict, Generator, Iterable, List, Optional, Sequence, Set, Union
+from typing import Any, AsyncGenerator, Callable, Deque, Dict, Generator, Iterable, List, Optional, Sequence, Set
 
-from .config import ModelConfig, endpoint_configs, mask_url
-from .decoder import StreamResult
+from .config import ModelConfig, mask_url
+from .decoder import JSONBody, StreamResult
 from .engine import DEFAULT_MAX_DELAY_MS, AsyncEngine, Engine, SyncEngine, Transfer, check_max_delay
 from .errors import APIError, BrokerError, ConfigError, ConnectError, ProtocolError, TimeoutError_, TLSVerifyError, TransportError
 from .native import ChatAccumulator, ChunkDecoder, TextAccumulator, encode_body
 from .policy import backoff_s, retry_after_s
 
-try:
-    from orjson import loads as _loads
-except ImportError:  # pragma: no cover
-    import json
-
-    _loads = json.loads  # type: ignore[assignment]
 
 __all__ = ["Job", "JobResult", "JobRunner", "KINDS", "error_code"]
 
@@ -163,28 +157,6 @@ class _Endpoint:
         self.order = order
 
 
-class _WholeJSON:
-    """The "decoder" of a plain JSON request: keeps the parsed body."""
-
-    __slots__ = ("result", "value")
-
-    def __init__(self) -> None:
-        self.result = StreamResult()
-        self.value: Any = None
-
-    def feed(self, out: bytes, recs: List[int]) -> None:
-        raise ProtocolError("a JSON endpoint answered with an event stream")
-
-    def feed_whole(self, body: bytes) -> None:
-        try:
-            self.value = _loads(body)
-        except ValueError as e:
-            raise ProtocolError(f"the server's JSON body cannot be decoded: {body[:200]!r}") from e
-        if self.value.__class__ is not dict:
-            raise ProtocolError(f"the server's JSON body is not an object: {body[:200]!r}")
-        self.result.done = True
-
-
 def _with_usage(body: Dict[str, Any]) -> Dict[str, Any]:
     if "stream_options" not in body:
         body["stream_options"] = {"include_usage": True}
@@ -300,7 +272,7 @@ class JobRunner:
                 data = encode_body(job.body)
 
                 def make_decoder(t0: float) -> Any:
-                    holder[0] = _WholeJSON()
+                    holder[0] = JSONBody(require_object=True)
                     return holder[0]
 
             else:

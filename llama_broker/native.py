@@ -55,6 +55,7 @@ from typing import (
 
 from .broker import AsyncDeltaStream, Broker, DeltaStream, default_broker, validate_messages
 from .config import ModelConfig
+from .decoder import JSONBody
 from .decoder import json_loads as _loads  # the same JSON decoder the core uses
 from .decoder import (
     Delta,
@@ -384,26 +385,6 @@ class NativeDecoder(_DecoderBase):
             o.setdefault("stop", True)
             self.result.events += 1
             self._object(o, body)
-        self.result.done = True
-
-
-class _JSONBody:
-    """The "decoder" of a plain JSON request: keeps the parsed body."""
-
-    __slots__ = ("result", "value")
-
-    def __init__(self) -> None:
-        self.result = StreamResult()
-        self.value: Any = None
-
-    def feed(self, out: bytes, recs: List[int]) -> None:
-        raise ProtocolError("a JSON endpoint answered with an event stream")
-
-    def feed_whole(self, body: bytes) -> None:
-        try:
-            self.value = _loads(body) if body.strip() else None
-        except ValueError as e:
-            raise ProtocolError(f"the server's JSON body cannot be decoded: {body[:200]!r}") from e
         self.result.done = True
 
 
@@ -1355,7 +1336,7 @@ def _json(
     if retries is not None and retries != cfg.max_retries:
         cfg = replace(cfg, max_retries=retries)
     data = encode_body(body) if body is not None else None
-    dec = _JSONBody()
+    dec = JSONBody()
     _perform(b, cfg, data, lambda t0: dec, url=_url(cfg, path), method=method, streaming=False)
     return dec.value
 

@@ -98,11 +98,11 @@ from .native import (
     ChunkDecoder,
     EventStream,
     TextAccumulator,
-    _JSONBody,
     _perform,
     aperform,
     encode_body,
 )
+from .decoder import JSONBody
 from .policy import sdk_retry_delay
 
 __all__ = [
@@ -1019,7 +1019,7 @@ class _Engine:
         request = _Request("GET", url)
 
         def get() -> Any:
-            dec = _JSONBody()
+            dec = JSONBody()
             _perform(self.broker, cfg, None, lambda t0: dec, url=url, method="GET", streaming=False)
             return dec.value
 
