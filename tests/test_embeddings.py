@@ -218,14 +218,14 @@ def test_idle_timeout_on_an_engine_json_request_is_a_timeout() -> None:
     fails with TimeoutError_ (it was reported as an undecodable empty body)."""
     from llama_broker.engine import Transfer
     from llama_broker.errors import TimeoutError_
-    from llama_broker.jobs import _WholeJSON
+    from llama_broker.decoder import JSONBody
 
     with LoopbackServer() as srv:
         srv.route("/v1/embeddings", _slow_embeddings(3.0))
         cfg = ModelConfig(srv.url, idle_timeout_ms=1000, max_retries=0)
         with Broker() as br:
             eng = br._sync_engine()
-            t = Transfer(cfg, b'{"input": ["t-1"]}', lambda t0: _WholeJSON(), url=srv.url + "/v1/embeddings",
+            t = Transfer(cfg, b'{"input": ["t-1"]}', lambda t0: JSONBody(require_object=True), url=srv.url + "/v1/embeddings",
                          streaming=False, retry=False)
             eng.start(t)
             deadline = __import__("time").monotonic() + 10
