@@ -35,7 +35,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Union
 
-from .config import ModelConfig, mask_url
+from .config import ModelConfig, endpoint_configs, mask_url
 from .decoder import StreamDecoder, StreamResult
 from .engine import DEFAULT_MAX_DELAY_MS, AsyncEngine, Engine, SyncEngine, Transfer, check_max_delay
 from .errors import BrokerError, ConfigError, TransportError
@@ -141,24 +141,6 @@ class _Progress:
         self.shown = True
 
 
-def _endpoint_configs(
-    endpoints: Optional[Sequence[Union[str, ModelConfig]]], cfg: Optional[ModelConfig]
-) -> List[ModelConfig]:
-    if not endpoints:
-        if cfg is None:
-            raise ConfigError("map: no endpoints and no ModelConfig")
-        return [cfg]
-    out = []
-    for i, ep in enumerate(endpoints):
-        if isinstance(ep, ModelConfig):
-            out.append(ep)
-        elif isinstance(ep, str):
-            out.append(dataclasses.replace(cfg, endpoint=ep) if cfg is not None else ModelConfig(ep))
-        else:
-            raise ConfigError(f"map: endpoints[{i}] must be a URL or a ModelConfig, got {type(ep).__name__}")
-    return out
-
-
 class Fanout:
     """The state of one ``map``/``amap`` run (see the module docstring)."""
 
@@ -177,7 +159,7 @@ class Fanout:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(f"map: concurrency must be a positive int, got {concurrency!r}")
         self.concurrency = concurrency
-        self.eps = [_Endpoint(c, i) for i, c in enumerate(_endpoint_configs(endpoints, cfg))]
+        self.eps = [_Endpoint(c, i) for i, c in enumerate(endpoint_configs(endpoints, cfg))]
         try:
             total: Optional[int] = len(requests)  # type: ignore[arg-type]
         except TypeError:
