@@ -65,7 +65,7 @@ def test_embed_order_batches_and_base64() -> None:
 
 
 def test_embed_one_string_numpy_and_empty() -> None:
-    np = pytest.importorskip("numpy")
+    import numpy as np  # in the [test] extra
     with LoopbackServer() as srv:
         srv.route("/v1/embeddings", embeddings_handler())
         cfg = ModelConfig(srv.url)
@@ -181,7 +181,7 @@ def embedding_server() -> Iterator[LocalServer]:
 
 @pytest.mark.llama_server
 def test_embeddings_equal_the_sdk_on_the_real_server(embedding_server: LocalServer) -> None:
-    openai = pytest.importorskip("openai")
+    import openai  # in the [test] extra: the oracle
     texts = ["The quick brown fox", "jumps over the lazy dog", "café 日本語", "a", "embeddings are vectors"] * 3
     cfg = embedding_server.config()
     nocache = {"cache_prompt": False}
@@ -196,7 +196,7 @@ def test_embeddings_equal_the_sdk_on_the_real_server(embedding_server: LocalServ
     assert len(ours) == len(theirs) == len(texts)
     assert len(ours[0]) > 16
     assert [list(v) for v in ours] == theirs
-    np = pytest.importorskip("numpy")
+    import numpy as np  # in the [test] extra
     m = embed(cfg, texts, batch_size=7, as_numpy=True, **nocache)
     assert m.shape == (len(texts), len(ours[0])) and m.dtype == np.float32
     assert m.tolist() == theirs

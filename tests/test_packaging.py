@@ -131,7 +131,7 @@ def _needed(path: str) -> List[str]:
     return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", res.stdout)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF check")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the ELF dynamic section with readelf: wheels for Linux only")
 def test_extension_links_only_libc(dist: Tuple[Path, Path], tmp_path: Path) -> None:
     _, wheel = dist
     with zipfile.ZipFile(wheel) as zf:
