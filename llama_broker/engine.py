@@ -176,6 +176,30 @@ class Engine:
         self._budgets: Dict[float, int] = {}  # budget -> running transfers with it
         #: passes over ready sockets so far (a wake-up that read data)
         self.passes = 0
+        self._in_curl = False  # inside socket_action (curl's callbacks): no multi call may be made
+
+    def _socket_actions(self, ready: Sequence[Tuple[int, int]]) -> int:
+        """``socket_action`` for each ready socket (curl's callbacks, the caller's
+        ``on_delta`` among them, run inside: ``_in_curl``), stopping early once
+        :meth:`_stopped`; returns curl's running count (-1: no call was made)."""
+        m = self.multi
+        running = -1
+        self._in_curl = True
+        try:
+            for fd, events in ready:
+                while True:
+                    ret, running = m.socket_action(fd, events)
+                    if ret != pycurl.E_CALL_MULTI_PERFORM:
+                        break
+                if self._stopped():
+                    break
+        finally:
+            self._in_curl = False
+        return running
+
+    def _stopped(self) -> bool:
+        """Whether a callback closed the engine mid-pass (engines that can say so override)."""
+        return False
 
     def _budget(self, delay: float, n: int) -> None:
         b = self._budgets
@@ -378,7 +402,6 @@ class SyncEngine(Engine):
         self._owner: Optional[int] = None
         self._depth = 0
         self._wanted = 0  # threads waiting to start, cut or close
-        self._in_curl = False  # inside socket_action: no multi call may be made
         self._dropped: List[Transfer] = []  # cut at the end of the current turn
         import socket  # (here: `import llama_broker` stays cheap)
 
@@ -587,17 +610,7 @@ class SyncEngine(Engine):
 
     def _act_many(self, ready: List[Tuple[int, int]]) -> None:
         """``socket_action`` for each ready socket, then one :meth:`collect`."""
-        m = self.multi
-        running = -1
-        self._in_curl = True
-        try:
-            for fd, events in ready:
-                while True:
-                    ret, running = m.socket_action(fd, events)
-                    if ret != pycurl.E_CALL_MULTI_PERFORM:
-                        break
-        finally:
-            self._in_curl = False
+        running = self._socket_actions(ready)
         if running != len(self.active):  # (equal: curl finished none of them, nothing to collect)
             self.collect()
 
@@ -747,7 +760,6 @@ class AsyncEngine(Engine):
         self._timer: Optional[asyncio.TimerHandle] = None
         self._watch: Optional[asyncio.TimerHandle] = None
         self._retrying: Dict[Transfer, asyncio.TimerHandle] = {}  # transfers waiting for a retry
-        self._acting = False  # inside socket_action (curl's callbacks): curl handles cannot be closed
         #: why the engine was closed (None while open)
         self.closed: Optional[str] = None
         # Where epoll exists, curl's sockets are watched by an epoll set of
@@ -917,24 +929,15 @@ class AsyncEngine(Engine):
     def _act_many(self, ready: Sequence[Tuple[int, int]]) -> None:
         if self.closed is not None:
             return
-        m = self.multi
-        running = -1
-        self._acting = True
-        try:
-            for fd, events in ready:
-                while True:
-                    ret, running = m.socket_action(fd, events)
-                    if ret != pycurl.E_CALL_MULTI_PERFORM:
-                        break
-                if self.closed is not None:
-                    break
-        finally:
-            self._acting = False
+        running = self._socket_actions(ready)
         if self.closed is not None:  # closed from a callback (an on_delta): curl is free now
             self._teardown()
             return
         if running != len(self.active):  # (equal: curl finished none of them, nothing to collect)
             self.collect()
+
+    def _stopped(self) -> bool:
+        return self.closed is not None
 
     def check_open(self) -> None:
         """Raise the :class:`TransportError` of a closed engine (no-op while open)."""
@@ -1019,7 +1022,7 @@ class AsyncEngine(Engine):
                 delivered=t.delivered,
             )
             ended.append((t, err))
-        if not self._acting:  # else _act() tears down once curl returns
+        if not self._in_curl:  # else _act() tears down once curl returns
             self._teardown()
         for t, err in ended:
             try:
