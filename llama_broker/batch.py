@@ -667,7 +667,7 @@ def run_batch(
         prog.update(runner.in_flight)
 
     try:
-        for r in runner.run_sync(b._sync_engine(), tick=tick):
+        for r in runner.run_sync(b.sync_engine(), tick=tick):
             line = _dumps(output_line(r))
             (err_out if (r.error is not None and err_out is not None) else out).write(line)
             stats.add(r)
@@ -767,7 +767,7 @@ def iter_batch(
     own = broker is None
     b = broker if broker is not None else Broker(pool_size=max(32, concurrency))
     try:
-        for r in runner.run_sync(b._sync_engine()):
+        for r in runner.run_sync(b.sync_engine()):
             yield output_line(r)
     finally:
         if own:

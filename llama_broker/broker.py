@@ -123,7 +123,7 @@ class Broker:
         """
         cfg = self._cfg(cfg)
         body = _encode_body(cfg, messages, params)
-        return self._perform(cfg, body, lambda t0: StreamDecoder(on_delta, strict=cfg.strict, t0=t0, max_event_bytes=cfg.max_event_bytes))
+        return self.perform(cfg, body, lambda t0: StreamDecoder(on_delta, strict=cfg.strict, t0=t0, max_event_bytes=cfg.max_event_bytes))
 
     def chat_deltas(
         self,
@@ -138,7 +138,7 @@ class Broker:
         choice (``Delta.index``)."""
         cfg = self._cfg(cfg)
         body = _encode_body(cfg, messages, params)
-        return self._perform(cfg, body, lambda t0: StreamDecoder(None, on_delta, strict=cfg.strict, t0=t0, max_event_bytes=cfg.max_event_bytes))
+        return self.perform(cfg, body, lambda t0: StreamDecoder(None, on_delta, strict=cfg.strict, t0=t0, max_event_bytes=cfg.max_event_bytes))
 
     def chat(self, messages: Messages, *, cfg: Optional[ModelConfig] = None, **params: Any) -> str:
         """The whole reply as one string (streamed underneath, only the text kept).
@@ -167,10 +167,10 @@ class Broker:
             except (TypeError, ValueError, UnicodeEncodeError) as e:
                 raise ConfigError(f"the {method} {path} body cannot be sent as JSON: {e}") from e
         whole = JSONBody()
-        self._perform(cfg, data, lambda t0: whole, url=cfg.base_url + path, method=method, streaming=False)  # type: ignore[arg-type, return-value]
+        self.perform(cfg, data, lambda t0: whole, url=cfg.base_url + path, method=method, streaming=False)  # type: ignore[arg-type, return-value]
         return whole.value
 
-    def _perform(
+    def perform(
         self,
         cfg: ModelConfig,
         body: Optional[bytes],
@@ -180,6 +180,13 @@ class Broker:
         method: str = "POST",
         streaming: bool = True,
     ) -> StreamResult:
+        """Run one request to its end on this thread, with the retry policy.
+
+        The public transfer API under every blocking call: ``body`` is the
+        encoded request (``None`` for a GET), ``make_decoder(t0)`` builds a
+        fresh decoder per attempt (it needs ``feed``, ``feed_whole`` and
+        ``result``), ``url`` overrides ``cfg.url``, and ``streaming=False`` reads
+        a plain (non-SSE) body. Returns the decoder's ``result``."""
         t0 = time.monotonic()
         deadline = t0 + cfg.timeout_ms / 1000.0
         attempt = 0
@@ -233,7 +240,10 @@ class Broker:
         return attempt + 1
 
     # -- pulled streams (SyncEngine) --------------------------------------------
-    def _sync_engine(self) -> SyncEngine:
+    def sync_engine(self) -> SyncEngine:
+        """This Broker's pulled engine (made on first use): start
+        :class:`~llama_broker.engine.Transfer` objects on it and drive them from
+        any thread; it is what :meth:`stream`, :meth:`map` and batch jobs run on."""
         eng = self._sync
         if eng is None:
             with self._sync_lock:
@@ -275,7 +285,7 @@ class Broker:
         body = _encode_body(cfg, messages, params)
         queue: Deque[Delta] = deque()
         t = self._delta_transfer(cfg, body, queue, max_delay_ms)
-        eng = self._sync_engine()
+        eng = self.sync_engine()
         eng.start(t)
         return DeltaStream(self, eng, t, queue)
 
@@ -317,10 +327,13 @@ class Broker:
             progress=progress,
             max_delay_ms=max_delay_ms,
         )
-        return fan.run_sync(self._sync_engine())
+        return fan.run_sync(self.sync_engine())
 
     # -- asyncio (AsyncEngine) ---------------------------------------------------
-    def _async_engine(self) -> AsyncEngine:
+    def async_engine(self) -> AsyncEngine:
+        """This Broker's engine on the running event loop (made on first use;
+        one Broker serves one live loop at a time): :meth:`astream`,
+        :meth:`amap` and :meth:`aperform` run on it."""
         import asyncio
 
         loop = asyncio.get_running_loop()
@@ -352,13 +365,13 @@ class Broker:
         as content arrives. Cancelling the awaiting task closes the connection."""
         cfg = self._cfg(cfg)
         body = _encode_body(cfg, messages, params)
-        return await self._aperform(
+        return await self.aperform(
             cfg,
             body,
             lambda t0: StreamDecoder(on_delta, strict=cfg.strict, t0=t0, max_event_bytes=cfg.max_event_bytes),
         )
 
-    async def _aperform(
+    async def aperform(
         self,
         cfg: ModelConfig,
         body: bytes,
@@ -366,9 +379,9 @@ class Broker:
         *,
         url: Optional[str] = None,
     ) -> StreamResult:
-        """The asyncio twin of :meth:`_perform` for a streamed POST: one request
+        """The asyncio twin of :meth:`perform` for a streamed POST: one request
         (with its retries) on the running loop; cancelling closes the connection."""
-        eng = self._async_engine()
+        eng = self.async_engine()
         fut = eng.loop.create_future()
 
         def done(t: Transfer) -> None:
@@ -406,7 +419,7 @@ class Broker:
         body = _encode_body(cfg, messages, params)
         queue: Deque[Delta] = deque()
         t = self._delta_transfer(cfg, body, queue, max_delay_ms)
-        return AsyncDeltaStream(self._async_engine, t, queue)
+        return AsyncDeltaStream(self.async_engine, t, queue)
 
     def amap(
         self,
@@ -428,7 +441,7 @@ class Broker:
             progress=progress,
             max_delay_ms=max_delay_ms,
         )
-        return fan.run_async(self._async_engine)
+        return fan.run_async(self.async_engine)
 
     def embed(self, inputs: Any, *, cfg: Optional[ModelConfig] = None, **kw: Any) -> Any:
         """Embeddings of ``inputs`` on this Broker (see :func:`llama_broker.embeddings.embed`:

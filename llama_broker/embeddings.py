@@ -148,7 +148,7 @@ def embed(
         iter(jobs), endpoints=cfgs, concurrency=concurrency, max_retries=max(c.max_retries for c in cfgs)
     )
     bodies: Dict[int, Dict[str, Any]] = {}
-    gen = runner.run_sync(b._sync_engine())
+    gen = runner.run_sync(b.sync_engine())
     try:
         for r in gen:
             if r.error is not None:
@@ -180,7 +180,7 @@ async def aembed(
         iter(jobs), endpoints=cfgs, concurrency=concurrency, max_retries=max(c.max_retries for c in cfgs)
     )
     bodies: Dict[int, Dict[str, Any]] = {}
-    gen = runner.run_async(b._async_engine)
+    gen = runner.run_async(b.async_engine)
     try:
         async for r in gen:
             if r.error is not None:

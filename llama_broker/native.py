@@ -1,6 +1,6 @@
 """Everything llama-server streams, and its native endpoints.
 
-Decoders (they plug into :meth:`Broker._perform` like :class:`StreamDecoder`):
+Decoders (they plug into :meth:`Broker.perform` like :class:`StreamDecoder`):
 
 * :class:`ChunkDecoder` — any OpenAI-shaped event stream
   (``chat.completion.chunk``, ``text_completion``): every data event's JSON
@@ -975,8 +975,8 @@ def _perform(
     method: str = "POST",
     streaming: bool = True,
 ) -> StreamResult:
-    """``Broker._perform`` with any decoder (it needs ``feed``, ``feed_whole``, ``result``)."""
-    return b._perform(cfg, body, make_decoder, url=url, method=method, streaming=streaming)
+    """``Broker.perform`` with any decoder (it needs ``feed``, ``feed_whole``, ``result``)."""
+    return b.perform(cfg, body, make_decoder, url=url, method=method, streaming=streaming)
 
 
 def _with_usage(cfg: ModelConfig, params: Dict[str, Any]) -> Dict[str, Any]:
@@ -1102,7 +1102,7 @@ class EventStream(DeltaStream):
     ) -> None:
         items: Deque[Any] = deque()
         t = _transfer(cfg, body, make_decoder, url, items)
-        engine = broker._sync_engine()
+        engine = broker.sync_engine()
         engine.start(t)
         super().__init__(broker, engine, t, items)
 
@@ -1149,7 +1149,7 @@ class AsyncEventStream(AsyncDeltaStream):
         url: Optional[str] = None,
     ) -> None:
         items: Deque[Any] = deque()
-        super().__init__(broker._async_engine, _transfer(cfg, body, make_decoder, url, items), items)
+        super().__init__(broker.async_engine, _transfer(cfg, body, make_decoder, url, items), items)
         self._started()  # on the running loop now, so that HTTP errors surface at once
 
     async def next_batch(self) -> List[Any]:
@@ -1181,9 +1181,9 @@ async def aperform(
     *,
     url: Optional[str] = None,
 ) -> StreamResult:
-    """The asyncio twin of ``Broker._perform`` for a streamed POST: run one
+    """The asyncio twin of ``Broker.perform`` for a streamed POST: run one
     request (with its retries) on the running loop; cancelling closes the connection."""
-    return await broker._aperform(cfg, body, make_decoder, url=url)
+    return await broker.aperform(cfg, body, make_decoder, url=url)
 
 
 def chat_chunks(

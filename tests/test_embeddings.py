@@ -224,7 +224,7 @@ def test_idle_timeout_on_an_engine_json_request_is_a_timeout() -> None:
         srv.route("/v1/embeddings", _slow_embeddings(3.0))
         cfg = ModelConfig(srv.url, idle_timeout_ms=1000, max_retries=0)
         with Broker() as br:
-            eng = br._sync_engine()
+            eng = br.sync_engine()
             t = Transfer(cfg, b'{"input": ["t-1"]}', lambda t0: JSONBody(require_object=True), url=srv.url + "/v1/embeddings",
                          streaming=False, retry=False)
             eng.start(t)
