@@ -29,7 +29,7 @@ import pycurl
 from .config import ModelConfig
 from .decoder import Delta, JSONBody, StreamDecoder, StreamResult
 from .errors import BrokerError, ConfigError
-from .engine import DEFAULT_MAX_DELAY_MS, AsyncEngine, SyncEngine, Transfer
+from .engine import DEFAULT_MAX_DELAY_MS, AsyncEngine, DecoderFactory, SyncEngine, Transfer
 from .fanout import Fanout, MapResult
 from .policy import Messages, validate_messages
 from .policy import encode_chat_body as _encode_body
@@ -174,12 +174,12 @@ class Broker:
         self,
         cfg: ModelConfig,
         body: Optional[bytes],
-        make_decoder: Callable[[float], StreamDecoder],
+        make_decoder: DecoderFactory,
         *,
         url: Optional[str] = None,
         method: str = "POST",
         streaming: bool = True,
-    ) -> StreamResult:
+    ) -> Any:
         """Run one request to its end on this thread, with the retry policy.
 
         The public transfer API under every blocking call: ``body`` is the
@@ -375,10 +375,10 @@ class Broker:
         self,
         cfg: ModelConfig,
         body: bytes,
-        make_decoder: Callable[[float], StreamDecoder],
+        make_decoder: DecoderFactory,
         *,
         url: Optional[str] = None,
-    ) -> StreamResult:
+    ) -> Any:
         """The asyncio twin of :meth:`perform` for a streamed POST: one request
         (with its retries) on the running loop; cancelling closes the connection."""
         eng = self.async_engine()

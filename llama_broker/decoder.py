@@ -16,7 +16,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol
 
 from ._sse import ffi, lib
 from .errors import APIError, ProtocolError
@@ -332,6 +332,20 @@ def skip_payload(decoder: Any, payload: bytes, why: str) -> None:
     if decoder._warned < 5:
         decoder._warned += 1
         log.warning("skipped an undecodable stream payload (%s): %.200r", why, payload)
+
+
+class Decoder(Protocol):
+    """What a request's decoder gives the transport (StreamDecoder, the native
+    and drop-in decoders, JSONBody): ``feed(*batch)`` takes one splitter batch
+    of a ``text/event-stream`` body, ``feed_whole(body)`` a plain body, and
+    ``result`` is what the request returns."""
+
+    def feed(self, *batch: Any) -> Any: ...
+
+    def feed_whole(self, body: bytes) -> Any: ...
+
+    @property
+    def result(self) -> Any: ...
 
 
 class StreamDecoder:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 import pycurl
 
 from .config import ModelConfig
-from .decoder import StreamDecoder, StreamResult
+from .decoder import Decoder, StreamResult
 from .errors import BrokerError, ConfigError, TimeoutError_, TransportError
 from .policy import retry_delay
 from .transport import Call
@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # asyncio is imported by the asyncio calls only (it costs ~30
 __all__ = ["Transfer", "Engine", "SyncEngine", "AsyncEngine", "DEFAULT_MAX_DELAY_MS", "check_max_delay"]
 
 
-DecoderFactory = Callable[[float], StreamDecoder]
+DecoderFactory = Callable[[float], Decoder]
 
 #: The latency budget ``Broker.map``/``amap`` (and ``Fanout``) use by default, in ms.
 DEFAULT_MAX_DELAY_MS = 10.0
@@ -119,7 +119,7 @@ class Transfer:
         self.retry = retry
         self.handle: Optional["pycurl.Curl"] = None
         self.call: Optional[Call] = None
-        self.decoder: Optional[StreamDecoder] = None
+        self.decoder: Optional[Decoder] = None
         self.done = False
         self.error: Optional[BaseException] = None
         self.result: Optional[StreamResult] = None

@@ -20,7 +20,7 @@ from urllib.parse import urldefrag, urljoin, urlsplit, urlunsplit
 import pycurl
 
 from .config import SECRET_HEADERS, ModelConfig, check_header, mask_url
-from .decoder import StreamDecoder, api_error_from_body
+from .decoder import Decoder, api_error_from_body
 from .errors import APIError, BrokerError, ConfigError, ConnectError, Headers, ProtocolError, TimeoutError_, TLSVerifyError, TransportError
 from .sse import EventSplitter
 
@@ -135,7 +135,7 @@ class Call:
         handle: "pycurl.Curl",
         cfg: ModelConfig,
         body: Optional[bytes],
-        decoder: StreamDecoder,
+        decoder: Decoder,
         *,
         deadline: float,
         url: Optional[str] = None,

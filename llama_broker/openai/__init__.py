@@ -1,0 +1,150 @@
+"""An OpenAI-SDK-shaped client over llama_broker's streaming path.
+
+::
+
+    from llama_broker.openai import OpenAI          # instead of: from openai import OpenAI
+
+    client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="sk-no-key")
+    resp = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}])
+    print(resp.choices[0].message.content, resp.usage.completion_tokens)
+
+    with client.chat.completions.create(model="m", messages=msgs, stream=True) as stream:
+        for chunk in stream:
+            if chunk.choices:
+                print(chunk.choices[0].delta.content or "", end="")
+
+What is covered: ``OpenAI`` / ``AsyncOpenAI`` constructed like the SDK's
+(``api_key``, ``base_url``, ``timeout``, ``max_retries``, ``default_headers``,
+``default_query``, ``organization``, ``project``; ``OPENAI_API_KEY`` and
+``OPENAI_BASE_URL`` are read when not given), ``chat.completions.create``,
+``completions.create`` and ``models.list``, with the SDK's per-request
+``extra_headers``, ``extra_query``, ``extra_body`` and ``timeout``. Every other
+keyword is sent as it is (``NOT_GIVEN``/``omit`` values are dropped), so
+llama.cpp's own parameters (``top_k``, ``min_p``, ``n_probs``, ``cache_prompt``,
+``id_slot``, ``json_schema`` …) pass through.
+
+Responses have the SDK's attribute shape: ``resp.choices[0].message.content``,
+``resp.usage.completion_tokens``, ``chunk.choices[0].delta.content``,
+``chunk.choices[0].delta.tool_calls[0].function.arguments``. Fields the server
+sends beyond the SDK's (llama.cpp's ``timings``, ``reasoning_content``) are
+attributes too, as with the SDK's models. ``model_dump()``, ``to_dict()``,
+``to_json()`` and ``model_dump_json()`` give the data back. The objects wrap
+the decoded JSON and build nested objects only when read, which is where the
+SDK spends most of its time per chunk.
+
+Non-streaming calls stream underneath (with ``stream_options.include_usage``)
+and are assembled into the same object the server would have sent. A stream
+is pulled from libcurl on demand (no threads); ``close()`` or leaving the
+``with`` block closes the connection, which cancels the generation.
+``create(stream=True)`` returns once the response status is known, so an
+HTTP error is raised there, as by the SDK.
+
+Retries follow the SDK's rules, with the same ``max_retries`` (default 2):
+408, 409, 429 and 5xx answers, timeouts and connection errors are sent again;
+an ``x-should-retry`` header decides when present; the wait is the server's
+``retry-after-ms``/``Retry-After`` when 0 < value <= 120 s, else 0.5 s * 2**n
+capped at 8 s, less up to 25 % jitter. A stream is retried only until
+``create()`` returns (nothing reached the caller yet), as the SDK does; a TLS
+certificate that failed verification is never retried.
+
+Errors keep the SDK's names and attributes (``status_code``, ``code``,
+``type``, ``body``, ``message``, ``response.headers``) and are also llama_broker's own:
+:class:`APIStatusError` and its subclasses are ``llama_broker.APIError``,
+:class:`APIConnectionError` is ``llama_broker.TransportError``,
+:class:`APITimeoutError` is ``llama_broker.TimeoutError_``,
+:class:`APIResponseValidationError` is ``llama_broker.ProtocolError``, and an
+error reported inside a stream is an :class:`APIStreamError` (an
+:class:`APIError` and a ``llama_broker.APIError``).
+
+:class:`AsyncOpenAI` runs on llama_broker's asyncio engine (curl's socket
+callbacks on the running loop, no threads); only ``models.list`` uses a
+worker thread.
+
+Nothing here imports the ``openai`` package.
+"""
+
+from ._client import (
+    DEFAULT_BASE_URL,
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT_S,
+    AsyncClient,
+    AsyncOpenAI,
+    Client,
+    OpenAI,
+)
+from ._errors import (
+    APIConnectionError,
+    APIError,
+    APIResponseValidationError,
+    APIStatusError,
+    APIStreamError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    InternalServerError,
+    NotFoundError,
+    OpenAIError,
+    PermissionDeniedError,
+    RateLimitError,
+    UnprocessableEntityError,
+)
+from ._errors import _convert, _Request, _Response  # noqa: F401  (the tests check the translation)
+from ._streaming import AsyncStream, Stream
+from ._types import (
+    AsyncPage,
+    BaseModel,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    ChatCompletionMessageToolCall,
+    Completion,
+    CompletionChoice,
+    CompletionUsage,
+    Model,
+    NOT_GIVEN,
+    NotGiven,
+    SyncPage,
+)
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_CONNECT_TIMEOUT_S",
+    "DEFAULT_MAX_RETRIES",
+    "DEFAULT_TIMEOUT_S",
+    "AsyncPage",
+    "OpenAI",
+    "AsyncOpenAI",
+    "Client",
+    "AsyncClient",
+    "Stream",
+    "AsyncStream",
+    "NOT_GIVEN",
+    "NotGiven",
+    "BaseModel",
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChatCompletionMessage",
+    "ChatCompletionMessageToolCall",
+    "Completion",
+    "CompletionChoice",
+    "CompletionUsage",
+    "Model",
+    "SyncPage",
+    "OpenAIError",
+    "APIError",
+    "APIStatusError",
+    "APIStreamError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "APIResponseValidationError",
+    "BadRequestError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "NotFoundError",
+    "ConflictError",
+    "UnprocessableEntityError",
+    "RateLimitError",
+    "InternalServerError",
+]
