@@ -35,8 +35,9 @@ from .config import ModelConfig, mask_url
 from .decoder import JSONBody, StreamResult
 from .engine import DEFAULT_MAX_DELAY_MS, AsyncEngine, Engine, SyncEngine, Transfer, check_max_delay
 from .errors import APIError, BrokerError, ConfigError, ConnectError, ProtocolError, TimeoutError_, TLSVerifyError, TransportError
-from .native import ChatAccumulator, ChunkDecoder, TextAccumulator, encode_body
-from .policy import backoff_s, retry_after_s
+from .chunks import ChunkDecoder
+from .replies import ChatAccumulator, TextAccumulator
+from .policy import backoff_s, encode_body, retry_after_s
 
 
 __all__ = ["Job", "JobResult", "JobRunner", "KINDS", "error_code"]

@@ -26,7 +26,7 @@ import logging
 import math
 import random
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .config import ModelConfig
 from .errors import APIError, ConfigError, ConnectError, TimeoutError_, TLSVerifyError, TransportError
@@ -220,3 +220,19 @@ def sdk_retry_delay(err: BaseException, retries_taken: int, max_retries: int, de
         delay *= 1 - 0.25 * random.random()
     log.info("retrying request in %.2fs (retry %d of %d) after: %s", delay, retries_taken + 1, max_retries, err)
     return delay
+
+
+def encode_body(body: Mapping[str, Any], default: Optional[Callable[[Any], Any]] = None) -> bytes:
+    """``body`` as compact UTF-8 JSON; :class:`ConfigError` names a field that cannot be
+    encoded. ``default`` (as json.dumps') turns other objects into JSON values."""
+    try:
+        return json.dumps(
+            body, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=default
+        ).encode("utf-8")
+    except (TypeError, ValueError, UnicodeEncodeError) as e:
+        for k, v in body.items():
+            try:
+                json.dumps(v, ensure_ascii=False, allow_nan=False, default=default).encode("utf-8")
+            except (TypeError, ValueError, UnicodeEncodeError):
+                raise ConfigError(f"request field {k!r} cannot be sent as JSON: {e}") from e
+        raise ConfigError(f"the request cannot be sent as JSON: {e}") from e

@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import pytest
 
 from llama_broker import APIError, ConfigError, ModelConfig, ProtocolError, TransportError
+from llama_broker import chunks, replies
 from llama_broker import native as nat
 from llama_broker.broker import Broker
 from llama_broker.decoder import Delta
@@ -279,7 +280,7 @@ NATIVE = sse(
 
 
 def native_reply(pieces: Sequence[bytes], n: int = 1) -> nat.NativeReply:
-    acc = nat._NativeAcc(None)
+    acc = replies._NativeAcc(None)
     dec = nat.NativeDecoder(acc.add, n_prompts=n)
     feed(dec, pieces)
     return acc.reply(dec.result)
@@ -302,7 +303,7 @@ def test_native_finish_reasons(stop_type, finish):
 def test_native_several_prompts_end_after_the_last_stop():
     body = sse(native_ev("a", index=0), native_ev("b", index=1), native_ev("", True, index=0, stop_type="eos"),
                native_ev("c", index=1), native_ev("", True, index=1, stop_type="limit"))
-    acc = nat._NativeAcc(None)
+    acc = replies._NativeAcc(None)
     dec = nat.NativeDecoder(acc.add, n_prompts=2)
     feed(dec, [body])
     r = acc.reply(dec.result)
@@ -311,13 +312,13 @@ def test_native_several_prompts_end_after_the_last_stop():
 
 @pytest.mark.parametrize("prompt, n", [("x", 1), ([1, 2, 3], 1), (["a", 12, "b"], 1), (["a", "b"], 2), ([[1, 2], [3]], 2), ([], 1)])
 def test_how_many_prompts(prompt, n):
-    assert nat._expected_prompts(prompt) == n
+    assert chunks._expected_prompts(prompt) == n
 
 
 def test_native_errors_and_whole_bodies():
     with pytest.raises(APIError, match="no slot"):
         feed(nat.NativeDecoder(lambda e: None), [sse(native_ev("a"), {"error": {"message": "no slot", "code": 503}})])
-    acc = nat._NativeAcc(None)
+    acc = replies._NativeAcc(None)
     dec = nat.NativeDecoder(acc.add, n_prompts=2)
     dec.feed_whole(json.dumps([{"index": 0, "content": "x", "stop_type": "eos"}, {"index": 1, "content": "y"}]).encode())
     r = acc.reply(dec.result)
@@ -328,16 +329,16 @@ def test_native_errors_and_whole_bodies():
 
 def test_bodies():
     cfg = ModelConfig("http://127.0.0.1:1", model="m", params={"top_k": 5})
-    body = json.loads(nat._body(cfg, {"seed": 1}, prompt="p"))
+    body = json.loads(nat._calls._body(cfg, {"seed": 1}, prompt="p"))
     assert body == {"model": "m", "temperature": 0.2, "top_k": 5, "seed": 1, "prompt": "p", "stream": True}
     with pytest.raises(ConfigError, match="stream"):
-        nat._body(cfg, {"stream": False}, prompt="p")
+        nat._calls._body(cfg, {"stream": False}, prompt="p")
     with pytest.raises(ConfigError, match="'bad'"):
         nat.encode_body({"ok": 1, "bad": object()})
     assert json.loads(nat.encode_body({"t": "é\u2028"})) == {"t": "é\u2028"}
-    assert nat._with_usage(cfg, {})["stream_options"] == {"include_usage": True}
-    assert "stream_options" not in nat._with_usage(ModelConfig("http://h", params={"stream_options": {}}), {})
-    assert nat._with_usage(cfg, {"stream_options": {"include_usage": False}}) == {"stream_options": {"include_usage": False}}
+    assert nat._calls._with_usage(cfg, {})["stream_options"] == {"include_usage": True}
+    assert "stream_options" not in nat._calls._with_usage(ModelConfig("http://h", params={"stream_options": {}}), {})
+    assert nat._calls._with_usage(cfg, {"stream_options": {"include_usage": False}}) == {"stream_options": {"include_usage": False}}
 
 
 # =============================================================================

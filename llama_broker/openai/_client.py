@@ -16,7 +16,8 @@ from ..broker import Broker
 from ..config import ModelConfig
 from ..decoder import JSONBody
 from ..errors import BrokerError
-from ..native import AsyncEventStream, ChatAccumulator, ChunkDecoder, EventStream, TextAccumulator, encode_body
+from ..native import AsyncEventStream, ChatAccumulator, ChunkDecoder, EventStream, TextAccumulator
+from ..policy import encode_body
 from ..policy import sdk_retry_delay
 from ._errors import APIResponseValidationError, _convert, _Request
 from ._streaming import AsyncStream, Stream
