@@ -75,6 +75,8 @@ from ._client import (
 )
 from ._errors import (
     APIConnectionError,
+    ContentFilterFinishReasonError,
+    LengthFinishReasonError,
     APIError,
     APIResponseValidationError,
     APIStatusError,
@@ -91,8 +93,12 @@ from ._errors import (
     UnprocessableEntityError,
 )
 from ._errors import _convert, _Request, _Response  # noqa: F401  (the tests check the translation)
+from ._raw import AsyncAPIResponse, LegacyAPIResponse
+from ._resources import AsyncPaginator, pydantic_function_tool
 from ._streaming import AsyncStream, Stream
 from ._types import (
+    DEFAULT_TIMEOUT,
+    NOT_GIVEN,
     AsyncPage,
     BaseModel,
     ChatCompletion,
@@ -102,10 +108,20 @@ from ._types import (
     Completion,
     CompletionChoice,
     CompletionUsage,
+    CreateEmbeddingResponse,
+    Embedding,
     Model,
-    NOT_GIVEN,
     NotGiven,
+    Omit,
+    ParsedChatCompletion,
+    ParsedChatCompletionMessage,
+    ParsedChoice,
+    ParsedFunction,
+    ParsedFunctionToolCall,
     SyncPage,
+    Timeout,
+    not_given,
+    omit,
 )
 
 __all__ = [
@@ -122,6 +138,24 @@ __all__ = [
     "AsyncStream",
     "NOT_GIVEN",
     "NotGiven",
+    "not_given",
+    "Omit",
+    "omit",
+    "Timeout",
+    "DEFAULT_TIMEOUT",
+    "LegacyAPIResponse",
+    "AsyncAPIResponse",
+    "AsyncPaginator",
+    "pydantic_function_tool",
+    "CreateEmbeddingResponse",
+    "Embedding",
+    "ParsedChatCompletion",
+    "ParsedChatCompletionMessage",
+    "ParsedChoice",
+    "ParsedFunction",
+    "ParsedFunctionToolCall",
+    "LengthFinishReasonError",
+    "ContentFilterFinishReasonError",
     "BaseModel",
     "ChatCompletion",
     "ChatCompletionChunk",
