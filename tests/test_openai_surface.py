@@ -448,6 +448,10 @@ class Person(pydantic.BaseModel):
     best_pet: Optional[Pet] = pydantic.Field(default=None, description="the favourite")
 
 
+class Colour(pydantic.BaseModel):
+    name: str
+
+
 class Weather(pydantic.BaseModel):
     city: str
 
@@ -605,14 +609,22 @@ def test_models_parse_and_raw_equal_the_sdk_on_the_real_server(llama_server):
         except Exception as e:  # noqa: BLE001 - this llama-server may not serve /models/{id}: the same error, then
             out["retrieve"] = (type(e).__name__, getattr(e, "status_code", None))
         r = client.chat.completions.parse(
-            model="m", messages=[{"role": "user", "content": "Give a person as JSON."}],
-            response_format=Person, max_tokens=80, seed=3, temperature=0, extra_body={"cache_prompt": False})
+            model="m", messages=[{"role": "user", "content": "Name a colour, as JSON."}],
+            response_format=Colour, max_tokens=40, seed=3, temperature=0, extra_body={"cache_prompt": False})
         m = r.choices[0].message
         out["parse"] = (r.choices[0].finish_reason, m.content, type(m.parsed).__name__, m.parsed.model_dump())
+        with pytest.raises(Exception) as e:  # the grammar holds the JSON open: cut at 3 tokens
+            client.chat.completions.parse(
+                model="m", messages=[{"role": "user", "content": "Name a colour, as JSON."}],
+                response_format=Colour, max_tokens=3, seed=3, temperature=0, extra_body={"cache_prompt": False})
+        # (the content cut there differs: llama-server streams less of it than it
+        # puts in a whole answer; the non-streamed assembly's matter, not parse's)
+        out["length"] = (type(e.value).__name__, e.value.completion.choices[0].finish_reason)
         raw_r = client.chat.completions.with_raw_response.create(
             model="m", messages=MSGS, max_tokens=4, seed=3, temperature=0, extra_body={"cache_prompt": False})
         out["raw"] = (raw_r.status_code, raw_r.parse().choices[0].message.content, "server" in raw_r.headers)
         got.append(out)
         client.close()
     assert got[0] == got[1]
-    assert isinstance(got[1]["parse"][3]["name"], str)
+    assert got[1]["parse"][0] == "stop" and isinstance(got[1]["parse"][3]["name"], str)
+    assert got[1]["length"][0] == "LengthFinishReasonError"

@@ -263,7 +263,7 @@ class LengthFinishReasonError(OpenAIError):
         msg = "Could not parse response content as the length limit was reached"
         usage = getattr(completion, "usage", None)
         if usage:
-            msg += " - " + " ".join(f"{k}={getattr(usage, k)!r}" for k in _field_names(usage))
+            msg += f" - {usage!r}"
         super().__init__(msg)
         self.completion = completion
 
@@ -277,10 +277,3 @@ class ContentFilterFinishReasonError(OpenAIError):
         super().__init__("Could not parse response content as the request was rejected by the content filter")
         self.completion = completion
 
-
-def _field_names(obj: Any) -> Any:
-    fields = list(getattr(type(obj), "_fields", ()))
-    raw = getattr(obj, "_raw", None)
-    if isinstance(raw, dict):
-        fields += [k for k in raw if k not in fields]
-    return fields
