@@ -177,6 +177,24 @@ def test_module_names_are_the_sdks():
     assert not lbo.omit and not lbo.NOT_GIVEN and not lbo.not_given
 
 
+def test_the_new_surface_imports_neither_openai_nor_pydantic():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['openai'] = None; sys.modules['pydantic'] = None  # importing them would raise\n"
+        "from llama_broker.openai import OpenAI, AsyncOpenAI, Timeout, omit, pydantic_function_tool\n"
+        "from llama_broker.openai import _resources, _raw\n"
+        "c = OpenAI(base_url='http://127.0.0.1:9/v1', api_key='k', timeout=Timeout(5.0))\n"
+        "c.embeddings, c.models.retrieve, c.chat.completions.parse, c.with_raw_response.models\n"
+        "assert _resources.response_format_param({'type': 'json_object'}) == {'type': 'json_object'}\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
 @pytest.mark.parametrize("args,kw", [((600.0,), {"connect": 5.0}), ((None,), {}), ((3,), {"read": None}),
                                      ((), {"connect": 1, "read": 2, "write": 3, "pool": 4}), (((1, 2),), {})])
 def test_timeout_is_httpx_like(args, kw):

@@ -363,7 +363,7 @@ class _Models(_RawMixin):
         """``GET {base_url}/models``: a page of :class:`Model`."""
         return self._client._engine.models(kwargs)
 
-    def retrieve(self, model: str, **kwargs: Any) -> Model:
+    def retrieve(self, model: str, **kwargs: Any) -> Any:
         """``GET {base_url}/models/{model}``: one :class:`Model` (``NotFoundError`` if unknown)."""
         return _res.retrieve_model(self._client, model, kwargs)
 
@@ -557,7 +557,7 @@ class _AsyncModels(_RawMixin):
         of :class:`Model`, or ``async for`` over the models (the SDK's AsyncPaginator)."""
         return _res.amodels_paginator(self._client, kwargs)
 
-    async def retrieve(self, model: str, **kwargs: Any) -> Model:
+    async def retrieve(self, model: str, **kwargs: Any) -> Any:
         """``GET {base_url}/models/{model}``: one :class:`Model`."""
         return await _res.aretrieve_model(self._client, model, kwargs)
 

@@ -34,6 +34,7 @@ class _KeptChunkDecoder(ChunkDecoder):
 
     __slots__ = ("call",)
     keeps_call = True
+    call: Any
 
 
 class _KeptJSONBody(JSONBody):
@@ -41,6 +42,7 @@ class _KeptJSONBody(JSONBody):
 
     __slots__ = ("call",)
     keeps_call = True
+    call: Any
 
 
 class _Capture:

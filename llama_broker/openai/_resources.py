@@ -84,7 +84,7 @@ def _embedding_body(
 ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(body, options) in the SDK's field order; without ``encoding_format`` the
     SDK asks for base64 and decodes it itself."""
-    options = {k: kwargs.pop(k) for k in ("extra_headers", "extra_query", "timeout") if k in kwargs}
+    options: Dict[str, Any] = {k: kwargs.pop(k) for k in ("extra_headers", "extra_query", "timeout") if k in kwargs}
     extra_body = kwargs.pop("extra_body", None)
     body: Dict[str, Any] = {"model": model, "input": input}
     for k, v in (("user", user), ("dimensions", dimensions), ("encoding_format", encoding_format)):
@@ -328,13 +328,13 @@ def validate_tools(tools: Any) -> Any:
     return tools
 
 
-def _parse_arguments(tools: List[Any], function: Dict[str, Any]) -> Any:
+def _parse_arguments(tools: List[Any], function: Any) -> Any:
     name = function.get("name")
     tool = next((t for t in tools if t.get("type") == "function" and t.get("function", {}).get("name") == name), None)
     if tool is None:
         return None
-    fn = tool.get("function")
-    model = getattr(fn, "model", None)  # the SDK's pydantic_function_tool(): a dict carrying its model
+    fn: Any = tool.get("function")
+    model: Any = getattr(fn, "model", None)  # the SDK's pydantic_function_tool(): a dict carrying its model
     if _is_model_class(model):
         return model.model_validate_json(function.get("arguments"))
     if not fn.get("strict"):
