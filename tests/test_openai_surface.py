@@ -446,6 +446,50 @@ def test_with_streaming_response_like_the_sdk(srv):
     assert got[0] == got[1]
 
 
+def test_a_decoder_may_keep_its_call_for_a_success_response(srv):
+    """The transport hook under with_raw_response: a decoder with ``keeps_call``
+    gets its Call (status and headers of a 2xx too); others are left alone.
+    aperform runs a GET with a plain JSON body on the asyncio engine."""
+    from llama_broker import Broker, ModelConfig
+    from llama_broker.decoder import JSONBody
+
+    cfg = ModelConfig(srv.url, max_retries=0)
+    kept, plain = _raw._KeptJSONBody(), JSONBody()
+    with Broker() as b:
+        for dec in (kept, plain):
+            b.perform(cfg, None, lambda t0, d=dec: d, url=srv.url + "/v1/models", method="GET", streaming=False)
+        assert kept.value == plain.value == MODELS
+        assert kept.call.status == 200 and kept.call.response_headers()["X-Request-Id"] == "req-42"
+        assert not hasattr(plain, "call")
+
+        async def aget() -> Any:
+            dec = _raw._KeptJSONBody()
+            await b.aperform(cfg, None, lambda t0: dec, url=srv.url + "/v1/models/org%2Fm:q4", method="GET", streaming=False)
+            return dec
+
+        dec = run(aget())
+    assert dec.value == MODELS["data"][0] and dec.call.response_headers()["x-custom"] == "yes"
+    assert [r.method for r in srv.requests[-3:]] == ["GET", "GET", "GET"]
+
+
+def test_plain_calls_never_build_the_raw_decoders(srv, monkeypatch):
+    """The raw capture is consulted once per request and only a raw call uses it."""
+
+    def boom(*a: Any, **k: Any) -> Any:
+        raise AssertionError("a plain call built a raw decoder")
+
+    monkeypatch.setattr(_raw._Capture, "chunk_decoders", boom)
+    monkeypatch.setattr(_raw._Capture, "json_body", boom)
+    c = lbo.OpenAI(base_url=srv.url + "/v1", api_key="k", max_retries=0)
+    assert c.chat.completions.create(model="m", messages=MSGS).choices[0].message.content
+    assert [x.choices for x in c.chat.completions.create(model="m", messages=MSGS, stream=True)]
+    assert c.embeddings.create(model="e", input="x").data and c.models.list().data
+    with pytest.raises(AssertionError, match="raw decoder"):
+        c.chat.completions.with_raw_response.create(model="m", messages=MSGS)
+    assert _raw._CAPTURE.get() is None
+    c.close()
+
+
 # =============================================================================
 # chat.completions.parse
 # =============================================================================
