@@ -605,11 +605,22 @@ def test_parse_dict_format_refusal_tools_and_misuse_like_the_sdk(srv):
     assert got[1]["strict_tool"]["args"] == [("dict", {"city": "Paris"})]
 
 
+def test_beta_chat_completions_parse_like_the_sdk(srv):
+    """Older SDK code calls ``client.beta.chat.completions.parse``."""
+    got = []
+    for client in both(srv.url):
+        r = client.beta.chat.completions.parse(model="m", messages=MSGS, response_format=Person)
+        got.append(_parse_facts(r))
+        client.close()
+    assert got[0] == got[1]
+
+
 def test_async_parse_and_raw_parse_like_the_sdk(srv):
     async def go() -> List[Any]:
         out = []
         for client in both_async(srv.url):
-            r = await client.chat.completions.parse(model="m", messages=MSGS, response_format=Person)
+            r = await client.beta.chat.completions.parse(model="m", messages=MSGS, response_format=Person)
+            assert _parse_facts(r) == _parse_facts(await client.chat.completions.parse(model="m", messages=MSGS, response_format=Person))
             raw_r = await client.chat.completions.with_raw_response.parse(model="m", messages=MSGS, response_format=Person)
             out.append((_parse_facts(r), _parse_facts(raw_r.parse()), raw_r.status_code, raw_r.headers["x-request-id"]))
             await client.close()

@@ -50,7 +50,8 @@ returns a :class:`ParsedChatCompletion` whose ``message.parsed`` is
 as it is (``parsed`` None); strict function tools (and
 :func:`pydantic_function_tool`) get ``parsed_arguments``; a ``length`` or
 ``content_filter`` finish raises :class:`LengthFinishReasonError` /
-:class:`ContentFilterFinishReasonError`, as the SDK does.
+:class:`ContentFilterFinishReasonError`, as the SDK does. Older code's
+``client.beta.chat.completions.parse`` is the same call.
 
 ``<resource>.with_raw_response.<method>(...)`` (and ``client.with_raw_response``)
 returns a :class:`LegacyAPIResponse`: ``status_code``, ``headers``

@@ -402,6 +402,14 @@ def _client_options(
     )
 
 
+class _Beta:
+    """``client.beta.chat.completions``: where older SDK code calls ``parse()``
+    (the same resource as ``client.chat.completions``)."""
+
+    def __init__(self, client: Any) -> None:
+        self.chat = client.chat
+
+
 class OpenAI:
     """A drop-in for ``openai.OpenAI`` against llama-server (or any OpenAI-compatible
     server): ``chat.completions.create``/``parse``, ``completions.create``,
@@ -435,6 +443,7 @@ class OpenAI:
         self.completions = _Completions(self)
         self.models = _Models(self)
         self.embeddings = _res.Embeddings(self)
+        self.beta = _Beta(self)
 
     @property
     def with_raw_response(self) -> Any:
@@ -593,6 +602,7 @@ class AsyncOpenAI:
         self.completions = _AsyncCompletions(self)
         self.models = _AsyncModels(self)
         self.embeddings = _res.AsyncEmbeddings(self)
+        self.beta = _Beta(self)
 
     with_raw_response = OpenAI.with_raw_response
     with_streaming_response = OpenAI.with_streaming_response
