@@ -20,7 +20,7 @@ objects (see ``test_a_non_streamed_call_needs_the_sdks_objects``).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator
 
 import langchain_openai  # in the [test] extra: a missing one fails, never skips
 import openai

@@ -21,7 +21,6 @@ import pydantic
 import pytest
 
 import llama_broker
-from llama_broker import errors as lb_errors
 from llama_broker import openai as lbo
 from llama_broker.openai import _raw
 from llama_broker.server import LocalServer

@@ -14,7 +14,6 @@ from urllib.parse import urlencode
 from .. import errors as _e
 from ..broker import Broker
 from ..config import ModelConfig
-from ..decoder import JSONBody
 from ..errors import BrokerError
 from ..native import AsyncEventStream, ChatAccumulator, ChunkDecoder, EventStream, TextAccumulator, encode_body
 from ..policy import sdk_retry_delay

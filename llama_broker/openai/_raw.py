@@ -24,7 +24,7 @@ from ..decoder import JSONBody
 from ..errors import ConfigError, Headers
 from ..native import ChunkDecoder
 from ._errors import _Request, _Response
-from ._types import BaseModel, _dump
+from ._types import _dump
 
 __all__ = ["LegacyAPIResponse", "AsyncAPIResponse"]
 
