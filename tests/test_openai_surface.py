@@ -629,7 +629,7 @@ def test_async_parse_and_raw_parse_like_the_sdk(srv):
     assert a == b
 
 
-def test_parsed_objects_survive_the_page_of_the_response(srv):
+def test_parsed_attributes_are_objects_and_the_data_their_json(srv):
     """The attribute is the object, the data its JSON form (model_dump, to_json)."""
     c = lbo.OpenAI(base_url=srv.url + "/v1", api_key="k")
     r = c.chat.completions.parse(model="m", messages=MSGS, response_format=Person)
