@@ -374,13 +374,16 @@ class Broker:
     async def aperform(
         self,
         cfg: ModelConfig,
-        body: bytes,
+        body: Optional[bytes],
         make_decoder: DecoderFactory,
         *,
         url: Optional[str] = None,
+        method: str = "POST",
+        streaming: bool = True,
     ) -> Any:
-        """The asyncio twin of :meth:`perform` for a streamed POST: one request
-        (with its retries) on the running loop; cancelling closes the connection."""
+        """The asyncio twin of :meth:`perform`: one request (with its retries) on
+        the running loop; cancelling closes the connection. ``method`` and
+        ``streaming=False`` (a plain JSON body) as in :meth:`perform`."""
         eng = self.async_engine()
         fut = eng.loop.create_future()
 
@@ -388,7 +391,7 @@ class Broker:
             if not fut.done() and not fut.get_loop().is_closed():
                 fut.set_result(None)
 
-        t = Transfer(cfg, body, make_decoder, on_done=done, url=url)
+        t = Transfer(cfg, body, make_decoder, on_done=done, url=url, method=method, streaming=streaming)
         eng.start(t)
         try:
             await fut

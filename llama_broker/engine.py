@@ -91,6 +91,7 @@ class Transfer:
         "tag",
         "redirects",
         "streaming",
+        "method",
         "max_delay",
         "_last_n",
         "_last_change",
@@ -99,7 +100,7 @@ class Transfer:
     def __init__(
         self,
         cfg: ModelConfig,
-        body: bytes,
+        body: Optional[bytes],
         make_decoder: DecoderFactory,
         *,
         on_done: Optional[Callable[["Transfer"], None]] = None,
@@ -108,6 +109,7 @@ class Transfer:
         tag: Any = None,
         streaming: bool = True,
         max_delay_ms: float = 0.0,
+        method: str = "POST",
     ) -> None:
         self.cfg = cfg
         self.body = body
@@ -133,6 +135,8 @@ class Transfer:
         #: False for a plain JSON request (``Accept: application/json``; the
         #: decoder's ``feed_whole`` gets the body)
         self.streaming = streaming
+        #: the HTTP method (a GET has no body)
+        self.method = method
         #: the latency budget in seconds (see :func:`check_max_delay`); 0: every wake-up is handled at once
         self.max_delay = check_max_delay(max_delay_ms) / 1000.0
         self._last_n = -1
@@ -231,6 +235,7 @@ class Engine:
                 progress=False,
                 redirects=t.redirects,
                 streaming=t.streaming,
+                method=t.method,
             )
         except BaseException:
             self._release(handle)

@@ -147,6 +147,10 @@ class Call:
         self.handle = handle
         self.cfg = cfg
         self.decoder = decoder
+        if getattr(decoder, "keeps_call", False):
+            # Opt-in (the drop-in's with_raw_response): the decoder gets this
+            # attempt, to read the response's status and headers afterwards.
+            decoder.call = self  # type: ignore[attr-defined]
         # A decoder with feed_bytes() owns its splitter (the chat fast path);
         # any other gets batches from a splitter of the Call's own.
         feed_bytes = getattr(decoder, "feed_bytes", None)
@@ -444,8 +448,10 @@ class Call:
             )
         return target
 
-    def _response_headers(self) -> Headers:
-        """The error response's headers (any secret the request carried masked)."""
+    def response_headers(self) -> Headers:
+        """The last response's headers, error or success (any secret the request
+        carried masked); complete once the first body byte arrived or the
+        attempt finished."""
         secrets = self._secrets()
         pairs = []
         for line in self.header_lines:
@@ -458,7 +464,7 @@ class Call:
 
     def _api_error(self) -> APIError:
         err = self._api_error_from_body()
-        err.headers = self._response_headers()
+        err.headers = self.response_headers()
         return err
 
     def _api_error_from_body(self) -> APIError:

@@ -243,6 +243,8 @@ class LoopbackServer:
         self._queue: List[Union[Reply, Callable[[Request], Reply]]] = [ok()]
         #: other POST paths: path -> handler(request) -> Reply (see :meth:`route`)
         self.routes: Dict[str, Callable[[Request], Reply]] = {}
+        #: GET paths: path -> handler(request) -> Reply (``route(..., method="GET")``)
+        self.get_routes: Dict[str, Callable[[Request], Reply]] = {}
         self._lock = threading.Condition()
         self._busy = 0
         self._stop = threading.Event()
@@ -273,9 +275,10 @@ class LoopbackServer:
             self._queue = list(replies)
         return self
 
-    def route(self, path: str, handler: Callable[[Request], Reply]) -> "LoopbackServer":
-        """Answer ``POST path`` (``/v1/embeddings``, ``/v1/rerank`` …) with ``handler(request)``."""
-        self.routes[path] = handler
+    def route(self, path: str, handler: Callable[[Request], Reply], *, method: str = "POST") -> "LoopbackServer":
+        """Answer ``POST path`` (``/v1/embeddings``, ``/v1/rerank`` …) with
+        ``handler(request)``; with ``method="GET"``, ``GET path`` (``/v1/models`` …)."""
+        (self.get_routes if method == "GET" else self.routes)[path] = handler
         return self
 
     def chat_requests(self) -> List[Request]:
@@ -445,6 +448,8 @@ class LoopbackServer:
             return keep
         if route in self.routes and req.method == "POST":
             reply = self.routes[route](req)
+        elif route in self.get_routes and req.method == "GET":
+            reply = self.get_routes[route](req)
         elif route == "/health":
             reply = raw(200, b'{"status":"ok"}', "application/json")
         else:

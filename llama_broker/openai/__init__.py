@@ -16,9 +16,11 @@
 What is covered: ``OpenAI`` / ``AsyncOpenAI`` constructed like the SDK's
 (``api_key``, ``base_url``, ``timeout``, ``max_retries``, ``default_headers``,
 ``default_query``, ``organization``, ``project``; ``OPENAI_API_KEY`` and
-``OPENAI_BASE_URL`` are read when not given), ``chat.completions.create``,
-``completions.create`` and ``models.list``, with the SDK's per-request
-``extra_headers``, ``extra_query``, ``extra_body`` and ``timeout``. Every other
+``OPENAI_BASE_URL`` are read when not given; ``timeout`` seconds or a
+:class:`Timeout`), ``chat.completions.create``, ``completions.create``,
+``embeddings.create``, ``models.list`` and ``models.retrieve``, with the SDK's
+per-request ``extra_headers``, ``extra_query``, ``extra_body`` and
+``timeout``. Every other
 keyword is sent as it is (``NOT_GIVEN``/``omit`` values are dropped), so
 llama.cpp's own parameters (``top_k``, ``min_p``, ``n_probs``, ``cache_prompt``,
 ``id_slot``, ``json_schema`` …) pass through.
@@ -31,6 +33,35 @@ attributes too, as with the SDK's models. ``model_dump()``, ``to_dict()``,
 ``to_json()`` and ``model_dump_json()`` give the data back. The objects wrap
 the decoded JSON and build nested objects only when read, which is where the
 SDK spends most of its time per chunk.
+
+``embeddings.create`` takes a string, a list of strings, a token list or a
+list of token lists; without ``encoding_format`` the vectors travel as
+base64 and are handed back as floats (as the SDK does), with ``"base64"`` the
+strings stay. ``models.retrieve(id)`` quotes the id as one path segment; an
+unknown model is a :class:`NotFoundError`. Pages have ``.data``, iteration and
+``model_dump()``/``to_dict()``/``to_json()``; on :class:`AsyncOpenAI`,
+``models.list()`` is an :class:`AsyncPaginator` (``await`` it, or ``async for``).
+
+``chat.completions.parse(response_format=SomeModel, ...)`` duck-types a
+pydantic class: it sends ``{"type": "json_schema", "json_schema": {"name",
+"schema", "strict": True}}`` with the schema made strict the SDK's way, and
+returns a :class:`ParsedChatCompletion` whose ``message.parsed`` is
+``SomeModel.model_validate_json(content)``; a dict ``response_format`` is sent
+as it is (``parsed`` None); strict function tools (and
+:func:`pydantic_function_tool`) get ``parsed_arguments``; a ``length`` or
+``content_filter`` finish raises :class:`LengthFinishReasonError` /
+:class:`ContentFilterFinishReasonError`, as the SDK does. Older code's
+``client.beta.chat.completions.parse`` is the same call.
+
+``<resource>.with_raw_response.<method>(...)`` (and ``client.with_raw_response``)
+returns a :class:`LegacyAPIResponse`: ``status_code``, ``headers``
+(case-insensitive), ``url``, ``method``, ``http_request``, ``request_id``,
+``retries_taken``, ``text``/``content``, and ``parse()`` for what the plain
+call returns (with ``stream=True``, the :class:`Stream`). A non-streamed chat
+or text answer is received as a stream, so its headers are the stream's
+(``text/event-stream``) and its ``text`` the JSON of the assembled answer.
+``with_streaming_response`` gives the same object from a ``with``/``async
+with`` block (``await parse()`` on :class:`AsyncOpenAI`).
 
 Non-streaming calls stream underneath (with ``stream_options.include_usage``)
 and are assembled into the same object the server would have sent. A stream
@@ -57,10 +88,10 @@ error reported inside a stream is an :class:`APIStreamError` (an
 :class:`APIError` and a ``llama_broker.APIError``).
 
 :class:`AsyncOpenAI` runs on llama_broker's asyncio engine (curl's socket
-callbacks on the running loop, no threads); only ``models.list`` uses a
-worker thread.
+callbacks on the running loop, no threads), the models and embeddings calls
+too.
 
-Nothing here imports the ``openai`` package.
+Nothing here imports the ``openai`` or ``pydantic`` package.
 """
 
 from ._client import (
@@ -75,6 +106,8 @@ from ._client import (
 )
 from ._errors import (
     APIConnectionError,
+    ContentFilterFinishReasonError,
+    LengthFinishReasonError,
     APIError,
     APIResponseValidationError,
     APIStatusError,
@@ -91,8 +124,12 @@ from ._errors import (
     UnprocessableEntityError,
 )
 from ._errors import _convert, _Request, _Response  # noqa: F401  (the tests check the translation)
+from ._raw import AsyncAPIResponse, LegacyAPIResponse
+from ._resources import AsyncPaginator, pydantic_function_tool
 from ._streaming import AsyncStream, Stream
 from ._types import (
+    DEFAULT_TIMEOUT,
+    NOT_GIVEN,
     AsyncPage,
     BaseModel,
     ChatCompletion,
@@ -102,10 +139,20 @@ from ._types import (
     Completion,
     CompletionChoice,
     CompletionUsage,
+    CreateEmbeddingResponse,
+    Embedding,
     Model,
-    NOT_GIVEN,
     NotGiven,
+    Omit,
+    ParsedChatCompletion,
+    ParsedChatCompletionMessage,
+    ParsedChoice,
+    ParsedFunction,
+    ParsedFunctionToolCall,
     SyncPage,
+    Timeout,
+    not_given,
+    omit,
 )
 
 __all__ = [
@@ -122,6 +169,24 @@ __all__ = [
     "AsyncStream",
     "NOT_GIVEN",
     "NotGiven",
+    "not_given",
+    "Omit",
+    "omit",
+    "Timeout",
+    "DEFAULT_TIMEOUT",
+    "LegacyAPIResponse",
+    "AsyncAPIResponse",
+    "AsyncPaginator",
+    "pydantic_function_tool",
+    "CreateEmbeddingResponse",
+    "Embedding",
+    "ParsedChatCompletion",
+    "ParsedChatCompletionMessage",
+    "ParsedChoice",
+    "ParsedFunction",
+    "ParsedFunctionToolCall",
+    "LengthFinishReasonError",
+    "ContentFilterFinishReasonError",
     "BaseModel",
     "ChatCompletion",
     "ChatCompletionChunk",

@@ -14,14 +14,14 @@ from urllib.parse import urlencode
 from .. import errors as _e
 from ..broker import Broker
 from ..config import ModelConfig
-from ..decoder import JSONBody
 from ..errors import BrokerError
 from ..native import AsyncEventStream, ChatAccumulator, ChunkDecoder, EventStream, TextAccumulator
 from ..policy import encode_body
 from ..policy import sdk_retry_delay
 from ._errors import APIResponseValidationError, _convert, _Request
+from ._raw import _CAPTURE, _RawClient, _RawResource, _StreamingResource, json_decoder
 from ._streaming import AsyncStream, Stream
-from ._types import NOT_GIVEN, BaseModel, ChatCompletion, ChatCompletionChunk, Completion, Model, SyncPage, _given
+from ._types import DEFAULT_TIMEOUT, NOT_GIVEN, BaseModel, ChatCompletion, ChatCompletionChunk, Completion, Model, SyncPage, _given
 
 _T = TypeVar("_T")
 
@@ -172,6 +172,9 @@ class _Prepared:
 
     def decoder(self, push: Callable[[Any], Any]) -> Callable[[float], ChunkDecoder]:
         strict, limit = self.cfg.strict, self.cfg.max_event_bytes
+        cap = _CAPTURE.get()  # a with_raw_response call: decoders that keep their response
+        if cap is not None:
+            return cap.chunk_decoders(push, strict, limit)
         return lambda t0: ChunkDecoder(push, strict=strict, t0=t0, max_event_bytes=limit)
 
     def whole(self, acc: Any, res: Any) -> BaseModel:
@@ -277,7 +280,7 @@ class _Engine:
         request = _Request("GET", url)
 
         def get() -> Any:
-            dec = JSONBody()
+            dec = json_decoder()
             self.broker.perform(cfg, None, lambda t0: dec, url=url, method="GET", streaming=False)
             return dec.value
 
@@ -300,7 +303,21 @@ class _Engine:
 # -- resources -------------------------------------------------------------------------
 
 
-class _ChatCompletions:
+class _RawMixin:
+    """``with_raw_response`` / ``with_streaming_response`` on a resource (see ``_raw.py``)."""
+
+    _is_async = False
+
+    @property
+    def with_raw_response(self) -> Any:
+        return _RawResource(self)
+
+    @property
+    def with_streaming_response(self) -> Any:
+        return _StreamingResource(self)
+
+
+class _ChatCompletions(_RawMixin):
     def __init__(self, client: "OpenAI") -> None:
         self._client = client
 
@@ -308,7 +325,18 @@ class _ChatCompletions:
         """``POST {base_url}/chat/completions``: a :class:`ChatCompletion`, or with
         ``stream=True`` a :class:`Stream` of :class:`ChatCompletionChunk`."""
         stream = bool(stream) if _given(stream) else False
+        if "response_format" in kwargs:
+            _res.check_create_response_format(kwargs["response_format"])
         return self._client._engine.create("chat", {"messages": messages, "model": model}, stream, kwargs)
+
+    def parse(self, *, messages: Any, model: Any, response_format: Any = NOT_GIVEN, tools: Any = NOT_GIVEN, **kwargs: Any) -> Any:
+        """Structured output: ``response_format`` a pydantic model class (sent as a
+        strict ``json_schema``) → a :class:`ParsedChatCompletion` whose
+        ``choices[i].message.parsed`` is the validated object; strict function
+        ``tools`` get ``parsed_arguments``. A dict ``response_format`` is sent as it is."""
+        tools, kw = _res.parse_kwargs(response_format, tools, kwargs)
+        completion = self.create(messages=messages, model=model, stream=False, **kw)
+        return _res.parse_completion(completion, response_format, tools)
 
 
 class _Chat:
@@ -316,7 +344,7 @@ class _Chat:
         self.completions = _ChatCompletions(client)
 
 
-class _Completions:
+class _Completions(_RawMixin):
     def __init__(self, client: "OpenAI") -> None:
         self._client = client
 
@@ -327,13 +355,17 @@ class _Completions:
         return self._client._engine.create("text", {"model": model, "prompt": prompt}, stream, kwargs)
 
 
-class _Models:
+class _Models(_RawMixin):
     def __init__(self, client: "OpenAI") -> None:
         self._client = client
 
     def list(self, **kwargs: Any) -> SyncPage:
         """``GET {base_url}/models``: a page of :class:`Model`."""
         return self._client._engine.models(kwargs)
+
+    def retrieve(self, model: str, **kwargs: Any) -> Any:
+        """``GET {base_url}/models/{model}``: one :class:`Model` (``NotFoundError`` if unknown)."""
+        return _res.retrieve_model(self._client, model, kwargs)
 
 
 def _client_options(
@@ -355,7 +387,7 @@ def _client_options(
     if base_url is None:
         base_url = os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
     if not _given(timeout):
-        timeout = _DefaultTimeout()
+        timeout = DEFAULT_TIMEOUT
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
         raise _e.ConfigError(f"max_retries must be an int >= 0, got {max_retries!r}")
     return _Options(
@@ -370,19 +402,18 @@ def _client_options(
     )
 
 
-class _DefaultTimeout:
-    """The SDK's default: 600 s without a byte, 5 s to connect."""
+class _Beta:
+    """``client.beta.chat.completions``: where older SDK code calls ``parse()``
+    (the same resource as ``client.chat.completions``)."""
 
-    connect = DEFAULT_CONNECT_TIMEOUT_S
-    read = DEFAULT_TIMEOUT_S
-
-    def __repr__(self) -> str:
-        return f"Timeout(connect={self.connect}, read={self.read})"
+    def __init__(self, client: Any) -> None:
+        self.chat = client.chat
 
 
 class OpenAI:
     """A drop-in for ``openai.OpenAI`` against llama-server (or any OpenAI-compatible
-    server): ``chat.completions.create``, ``completions.create``, ``models.list``.
+    server): ``chat.completions.create``/``parse``, ``completions.create``,
+    ``embeddings.create``, ``models.list``/``retrieve``, and ``with_raw_response``.
 
     Safe to share between threads, as the SDK's client is: each thread gets
     its own connections (a :class:`~llama_broker.Broker` per thread); a
@@ -411,6 +442,17 @@ class OpenAI:
         self.chat = _Chat(self)
         self.completions = _Completions(self)
         self.models = _Models(self)
+        self.embeddings = _res.Embeddings(self)
+        self.beta = _Beta(self)
+
+    @property
+    def with_raw_response(self) -> Any:
+        """``client.with_raw_response.chat.completions.create(...)`` and the like."""
+        return _RawClient(self, "with_raw_response")
+
+    @property
+    def with_streaming_response(self) -> Any:
+        return _RawClient(self, "with_streaming_response")
 
     # the SDK's client attributes
     @property
@@ -475,14 +517,26 @@ Client = OpenAI
 # -- async ------------------------------------------------------------------------------
 
 
-class _AsyncChatCompletions:
+class _AsyncChatCompletions(_RawMixin):
+    _is_async = True
+
     def __init__(self, client: "AsyncOpenAI") -> None:
         self._client = client
 
     async def create(self, *, messages: Any, model: Any, stream: Any = False, **kwargs: Any) -> Any:
         """``await``-able :meth:`OpenAI.chat.completions.create`; streams are :class:`AsyncStream`."""
         stream = bool(stream) if _given(stream) else False
+        if "response_format" in kwargs:
+            _res.check_create_response_format(kwargs["response_format"])
         return await self._client._create("chat", {"messages": messages, "model": model}, stream, kwargs)
+
+    async def parse(
+        self, *, messages: Any, model: Any, response_format: Any = NOT_GIVEN, tools: Any = NOT_GIVEN, **kwargs: Any
+    ) -> Any:
+        """``await``-able :meth:`OpenAI.chat.completions.parse`."""
+        tools, kw = _res.parse_kwargs(response_format, tools, kwargs)
+        completion = await self.create(messages=messages, model=model, stream=False, **kw)
+        return _res.parse_completion(completion, response_format, tools)
 
 
 class _AsyncChat:
@@ -490,7 +544,9 @@ class _AsyncChat:
         self.completions = _AsyncChatCompletions(client)
 
 
-class _AsyncCompletions:
+class _AsyncCompletions(_RawMixin):
+    _is_async = True
+
     def __init__(self, client: "AsyncOpenAI") -> None:
         self._client = client
 
@@ -499,13 +555,20 @@ class _AsyncCompletions:
         return await self._client._create("text", {"model": model, "prompt": prompt}, stream, kwargs)
 
 
-class _AsyncModels:
+class _AsyncModels(_RawMixin):
+    _is_async = True
+
     def __init__(self, client: "AsyncOpenAI") -> None:
         self._client = client
 
-    async def list(self, **kwargs: Any) -> SyncPage:
-        """``GET {base_url}/models`` (in a worker thread): a page of :class:`Model`."""
-        return await asyncio.to_thread(self._client._sync.models, kwargs)
+    def list(self, **kwargs: Any) -> Any:
+        """``GET {base_url}/models`` on the asyncio engine: ``await`` it for the page
+        of :class:`Model`, or ``async for`` over the models (the SDK's AsyncPaginator)."""
+        return _res.amodels_paginator(self._client, kwargs)
+
+    async def retrieve(self, model: str, **kwargs: Any) -> Any:
+        """``GET {base_url}/models/{model}``: one :class:`Model`."""
+        return await _res.aretrieve_model(self._client, model, kwargs)
 
 
 class AsyncOpenAI:
@@ -513,8 +576,8 @@ class AsyncOpenAI:
     with ``stream=True`` an :class:`AsyncStream` (``async for``, ``async with``).
 
     Requests run on the Broker's asyncio engine (curl's socket callbacks on the
-    running loop; no threads), one loop per client. ``models.list`` runs in a
-    worker thread.
+    running loop; no threads), one loop per client: ``models`` and
+    ``embeddings`` too.
     """
 
     def __init__(
@@ -535,10 +598,14 @@ class AsyncOpenAI:
             api_key, organization, project, base_url, timeout, max_retries, default_headers, default_query
         )
         self._broker = Broker()  # its asyncio engine runs on the loop that first uses it
-        self._sync = _Engine(self._opts)  # JSON endpoints (models.list), in worker threads
         self.chat = _AsyncChat(self)
         self.completions = _AsyncCompletions(self)
         self.models = _AsyncModels(self)
+        self.embeddings = _res.AsyncEmbeddings(self)
+        self.beta = _Beta(self)
+
+    with_raw_response = OpenAI.with_raw_response
+    with_streaming_response = OpenAI.with_streaming_response
 
     api_key = OpenAI.api_key
     base_url = OpenAI.base_url
@@ -591,7 +658,6 @@ class AsyncOpenAI:
     async def close(self) -> None:
         """Close pooled connections and open streams."""
         self._broker.close()
-        await asyncio.to_thread(self._sync.close)
 
     async def __aenter__(self) -> "AsyncOpenAI":
         return self
@@ -604,3 +670,8 @@ class AsyncOpenAI:
 
 
 AsyncClient = AsyncOpenAI
+
+
+# The resources beyond chat/completions (embeddings, models.retrieve, parse);
+# imported last: they use this module's helpers.
+from . import _resources as _res  # noqa: E402

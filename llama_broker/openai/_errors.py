@@ -246,3 +246,34 @@ def _convert(err: BaseException, request: Optional[_Request]) -> BaseException:
         return err
     out.__cause__ = err
     return out
+
+
+# =============================================================================
+# chat.completions.parse: the answer cannot be parsed
+# =============================================================================
+
+
+class LengthFinishReasonError(OpenAIError):
+    """``chat.completions.parse``: a choice stopped at the length limit, so its
+    content cannot be parsed (``completion`` is the answer)."""
+
+    prefix = "api"
+
+    def __init__(self, *, completion: Any) -> None:
+        msg = "Could not parse response content as the length limit was reached"
+        usage = getattr(completion, "usage", None)
+        if usage:
+            msg += f" - {usage!r}"
+        super().__init__(msg)
+        self.completion = completion
+
+
+class ContentFilterFinishReasonError(OpenAIError):
+    """``chat.completions.parse``: a choice was stopped by the content filter."""
+
+    prefix = "api"
+
+    def __init__(self, *, completion: Any = None) -> None:
+        super().__init__("Could not parse response content as the request was rejected by the content filter")
+        self.completion = completion
+

@@ -386,8 +386,163 @@ class SyncPage:
     def has_next_page(self) -> bool:
         return False
 
+    def next_page_info(self) -> None:
+        """There is never a next page (the SDK's answer for ``/models`` too)."""
+        return None
+
+    def iter_pages(self) -> Iterator["SyncPage"]:
+        yield self
+
+    def model_dump(self, *, exclude_none: bool = False, **_: Any) -> Dict[str, Any]:
+        """``{"data": [...], "object": ...}`` as plain dicts and lists."""
+        data = [_plain(_dump(m), exclude_none) for m in self.data]
+        return {"data": data, "object": self.object}
+
+    def to_dict(self, *, exclude_none: bool = False, **_: Any) -> Dict[str, Any]:
+        return self.model_dump(exclude_none=exclude_none)
+
+    def model_dump_json(self, *, indent: Optional[int] = None, exclude_none: bool = False, **_: Any) -> str:
+        return json.dumps(self.model_dump(exclude_none=exclude_none), indent=indent, ensure_ascii=False)
+
+    def to_json(self, *, indent: Optional[int] = 2, exclude_none: bool = False, **_: Any) -> str:
+        return json.dumps(self.model_dump(exclude_none=exclude_none), indent=indent, ensure_ascii=False)
+
     def __repr__(self) -> str:
-        return f"SyncPage(data={self.data!r})"
+        return f"{type(self).__name__}(data={self.data!r})"
 
 
-AsyncPage = SyncPage
+# =============================================================================
+# the rest of the SDK surface: Omit, Timeout, embeddings, parsed completions, async pages
+# =============================================================================
+
+
+class Omit:
+    """The SDK's ``omit``: a value that is not sent (like ``NOT_GIVEN``)."""
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "omit"
+
+
+omit = Omit()
+#: The SDK's newer name for ``NOT_GIVEN`` (the same sentinel here).
+not_given = NOT_GIVEN
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+_UNSET: Any = _Unset()
+
+
+class Timeout:
+    """The SDK's ``Timeout`` (httpx's): ``Timeout(600.0, connect=5.0)``,
+    ``Timeout(None)``, ``Timeout(connect=…, read=…, write=…, pool=…)`` or a
+    ``(connect, read, write, pool)`` tuple. The client uses ``connect`` (to
+    connect) and ``read`` (the longest wait for a byte); ``write`` and
+    ``pool`` are kept for equality and repr."""
+
+    connect: Optional[float]
+    read: Optional[float]
+    write: Optional[float]
+    pool: Optional[float]
+
+    def __init__(
+        self,
+        timeout: Any = _UNSET,
+        *,
+        connect: Any = _UNSET,
+        read: Any = _UNSET,
+        write: Any = _UNSET,
+        pool: Any = _UNSET,
+    ) -> None:
+        if isinstance(timeout, Timeout):
+            if any(v is not _UNSET for v in (connect, read, write, pool)):
+                raise ValueError("Timeout(Timeout(...)) takes no other argument")
+            self.connect, self.read, self.write, self.pool = timeout.connect, timeout.read, timeout.write, timeout.pool
+        elif isinstance(timeout, tuple):
+            self.connect, self.read = timeout[0], timeout[1]
+            self.write = timeout[2] if len(timeout) > 2 else None
+            self.pool = timeout[3] if len(timeout) > 3 else None
+        elif all(v is not _UNSET for v in (connect, read, write, pool)):
+            self.connect, self.read, self.write, self.pool = connect, read, write, pool
+        else:
+            if timeout is _UNSET:
+                raise ValueError("Timeout must either include a default, or set all four parameters explicitly.")
+            self.connect = timeout if connect is _UNSET else connect
+            self.read = timeout if read is _UNSET else read
+            self.write = timeout if write is _UNSET else write
+            self.pool = timeout if pool is _UNSET else pool
+
+    def as_dict(self) -> Dict[str, Optional[float]]:
+        return {"connect": self.connect, "read": self.read, "write": self.write, "pool": self.pool}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Timeout):
+            return NotImplemented
+        return self.as_dict() == other.as_dict()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        if len({self.connect, self.read, self.write, self.pool}) == 1:
+            return f"Timeout(timeout={self.connect})"
+        return f"Timeout(connect={self.connect}, read={self.read}, write={self.write}, pool={self.pool})"
+
+
+#: The SDK's default: 600 s without a byte, 5 s to connect.
+DEFAULT_TIMEOUT = Timeout(timeout=600, connect=5.0)
+
+# -- embeddings ----------------------------------------------------------------------
+Embedding = _model(
+    "Embedding",
+    dict.fromkeys(("embedding", "index", "object")),
+    "One input's vector: ``embedding`` (floats, or the base64 string asked for), ``index``.",
+)
+Usage = _model("Usage", dict.fromkeys(("prompt_tokens", "total_tokens")))
+CreateEmbeddingResponse = _model(
+    "CreateEmbeddingResponse",
+    {"data": _many(Embedding), "model": None, "object": None, "usage": _one(Usage)},
+    "``embeddings.create``'s answer: ``data`` (one :class:`Embedding` per input), ``model``, ``usage``.",
+)
+
+# -- chat.completions.parse ----------------------------------------------------------------
+
+
+def _as_is(v: Any) -> Any:
+    return v
+
+
+# ``parsed`` / ``parsed_arguments``: the data is the JSON form (what model_dump()
+# gives); the attribute is the object parse() made, kept in the field's cache.
+ParsedFunction = _model(
+    "ParsedFunction",
+    {"arguments": None, "name": None, "parsed_arguments": _as_is},
+    "A tool call's function with ``parsed_arguments`` (a strict tool's arguments, decoded).",
+)
+ParsedFunctionToolCall = _model(
+    "ParsedFunctionToolCall", {"id": None, "function": _one(ParsedFunction), "type": None}
+)
+ParsedChatCompletionMessage = _model(
+    "ParsedChatCompletionMessage",
+    dict(ChatCompletionMessage._fields, tool_calls=_many(ParsedFunctionToolCall), parsed=_as_is),
+    "The assistant's message with ``parsed``: the content validated by the ``response_format`` class.",
+)
+ParsedChoice = _model("ParsedChoice", dict(Choice._fields, message=_one(ParsedChatCompletionMessage)))
+ParsedChatCompletion = _model(
+    "ParsedChatCompletion",
+    dict(ChatCompletion._fields, choices=_many(ParsedChoice)),
+    "``chat.completions.parse``'s answer: a :class:`ChatCompletion` whose messages have ``parsed``.",
+)
+
+
+class AsyncPage(SyncPage):
+    """:class:`AsyncOpenAI`'s ``models.list()`` page: ``.data``, ``for`` and ``async for``."""
+
+    async def __aiter__(self) -> Any:  # an async generator
+        for item in self.data:
+            yield item
