@@ -53,6 +53,7 @@ def _given(v: Any) -> bool:
 # first read or dumped, never per chunk.
 
 _FAIL: Any = object()  # validate()'s "does not validate"
+_VALID = " valid"  # the cache key that marks an object built from validated data (no field has this name)
 _INT_RE = re.compile(r"([+-]?[0-9]+(?:_[0-9]+)*)(?:\.0+)?", re.ASCII)
 
 
@@ -115,8 +116,9 @@ class _Type:
         container is copied only when something in it changed."""
         return v
 
-    def build(self, v: Any) -> Any:
-        """``v`` (not None) as the SDK's ``construct`` leaves it (models wrapped)."""
+    def build(self, v: Any, valid: bool = False) -> Any:
+        """``v`` (not None) as the SDK's ``construct`` leaves it (models wrapped;
+        ``valid``: ``v`` passed validation, so its objects are validated ones)."""
         return v
 
     def dump(self, v: Any, o: "_DumpOpts") -> Any:
@@ -147,6 +149,11 @@ class _IntT(_Type):
     def validate(self, v: Any) -> Any:
         return _lax_int(v)
 
+    def dump(self, v: Any, o: "_DumpOpts") -> Any:
+        if o.json and v.__class__ is bool:  # pydantic's int serializer writes a bool as 0/1 in JSON
+            return int(v)
+        return _plain(v)
+
 
 class _FloatT(_Type):
     __slots__ = ()
@@ -154,7 +161,7 @@ class _FloatT(_Type):
     def validate(self, v: Any) -> Any:
         return _lax_float(v)
 
-    def build(self, v: Any) -> Any:
+    def build(self, v: Any, valid: bool = False) -> Any:
         if isinstance(v, int):  # construct: an int becomes a float when that is exact
             try:
                 f = float(v)
@@ -183,9 +190,9 @@ class _OptT(_Type):
     def validate(self, v: Any) -> Any:
         return self.t.validate(v)
 
-    def build(self, v: Any) -> Any:
+    def build(self, v: Any, valid: bool = False) -> Any:
         r = self.t.validate(v)
-        return self.t.build(v if r is _FAIL else r)
+        return self.t.build(v, False) if r is _FAIL else self.t.build(r, True)
 
     def dump(self, v: Any, o: "_DumpOpts") -> Any:
         r = self.t.validate(v)
@@ -216,14 +223,14 @@ class _ListT(_Type):
                 out[i] = r
         return v if out is None else out
 
-    def build(self, v: Any) -> Any:
+    def build(self, v: Any, valid: bool = False) -> Any:
         if v.__class__ is not list:
             return v
         t = self.t
         if t.__class__ is _ModelT:
-            w = t.cls._w  # type: ignore[attr-defined]
+            w = t.cls._w_valid if valid else t.cls._w  # type: ignore[attr-defined]
             return [w(e) if e.__class__ is dict else (None if e is None else t.build(e)) for e in v]
-        return [None if e is None else t.build(e) for e in v]
+        return [None if e is None else t.build(e, valid) for e in v]
 
     def dump(self, v: Any, o: "_DumpOpts") -> Any:
         if v.__class__ is not list:
@@ -254,11 +261,11 @@ class _DictT(_Type):
                 out[k] = r
         return v if out is None else out
 
-    def build(self, v: Any) -> Any:
+    def build(self, v: Any, valid: bool = False) -> Any:
         if v.__class__ is not dict:
             return v
         t = self.t
-        return {k: None if e is None else t.build(e) for k, e in v.items()}
+        return {k: None if e is None else t.build(e, valid) for k, e in v.items()}
 
     def dump(self, v: Any, o: "_DumpOpts") -> Any:
         if v.__class__ is not dict:
@@ -280,9 +287,9 @@ class _ModelT(_Type):
     def validate(self, v: Any) -> Any:
         return self.cls._validate_raw(v) if v.__class__ is dict else _FAIL
 
-    def build(self, v: Any) -> Any:
+    def build(self, v: Any, valid: bool = False) -> Any:
         if v.__class__ is dict:
-            return self.cls._w(v)
+            return self.cls._w_valid(v) if valid else self.cls._w(v)
         if v.__class__ is list:  # as the SDK's construct_type: a list of them
             w = self.cls._w
             return [w(e) if e.__class__ is dict else e for e in v]
@@ -317,9 +324,9 @@ class _TaggedT(_Type):
         t = self.variants.get(v.get("type")) if v.get("type").__class__ is str else None
         return _FAIL if t is None else t.validate(v)
 
-    def build(self, v: Any) -> Any:
+    def build(self, v: Any, valid: bool = False) -> Any:
         r = self.validate(v)
-        return self._variant(v).build(v if r is _FAIL else r)
+        return self._variant(v).build(v, False) if r is _FAIL else self._variant(v).build(r, True)
 
     def dump(self, v: Any, o: "_DumpOpts") -> Any:
         r = self.validate(v)
@@ -359,12 +366,13 @@ def _req(cls: Type["BaseModel"]) -> _ModelT:
 
 
 class _DumpOpts:
-    __slots__ = ("unset", "none", "defaults")
+    __slots__ = ("unset", "none", "defaults", "json")
 
-    def __init__(self, unset: bool, none: bool, defaults: bool) -> None:
+    def __init__(self, unset: bool, none: bool, defaults: bool, json: bool = False) -> None:
         self.unset = unset
         self.none = none
         self.defaults = defaults
+        self.json = json
 
 
 # =============================================================================
@@ -396,6 +404,15 @@ class BaseModel:
     def _w(cls: Type[_M], raw: Dict[str, Any]) -> _M:
         o = _new(cls)
         _set_raw(o, raw)
+        return o
+
+    @classmethod
+    def _w_valid(cls: Type[_M], raw: Dict[str, Any]) -> _M:
+        """An object over data that passed validation (pydantic counts its extra
+        fields as set, where a constructed object does not)."""
+        o = _new(cls)
+        _set_raw(o, raw)
+        o.__dict__[_VALID] = True
         return o
 
     @classmethod
@@ -485,10 +502,12 @@ class BaseModel:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self)})"
 
     def __getstate__(self) -> Dict[str, Any]:
-        return {"_raw": self._raw}
+        return {"_raw": self._raw, "_valid": _VALID in self.__dict__}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         _set_raw(self, state["_raw"])
+        if state.get("_valid"):
+            self.__dict__[_VALID] = True
 
     def __copy__(self: _M) -> _M:
         return type(self)._w(dict(self._raw))
@@ -498,7 +517,10 @@ class BaseModel:
 
     @property
     def model_fields_set(self) -> set:
-        """The declared fields the server sent (as pydantic's)."""
+        """The fields the server sent, as pydantic's: the declared ones, and the
+        extra ones too for an object that was validated (an optional field's)."""
+        if _VALID in self.__dict__:
+            return set(self._raw)
         fields = self._fields
         return {k for k in self._raw if k in fields}
 
@@ -517,7 +539,8 @@ class BaseModel:
         """The data as plain dicts and lists, with the SDK's field set: every
         declared field, ``None`` when the server left it out (no field has an
         alias, so ``by_alias`` and ``mode`` change nothing)."""
-        out = self._dump_raw(self._raw, _DumpOpts(exclude_unset, exclude_none, exclude_defaults))
+        opts = _DumpOpts(exclude_unset, exclude_none, exclude_defaults, mode == "json")
+        out = self._dump_raw(self._raw, opts)
         if include is not None:
             out = {k: v for k, v in out.items() if k in include}
         if exclude is not None:
@@ -542,6 +565,7 @@ class BaseModel:
     def model_dump_json(self, *, indent: Optional[int] = None, **kw: Any) -> str:
         """:meth:`model_dump` as JSON (compact unless ``indent``)."""
         kw.pop("ensure_ascii", None)
+        kw["mode"] = "json"
         d = self.model_dump(**kw)
         if indent is None:
             return json.dumps(d, ensure_ascii=False, separators=(",", ":"))
@@ -635,12 +659,14 @@ def _object_field(name: str, t: _Type) -> property:
             if v is not None:
                 if inner is not None:
                     r = inner.validate(v)
-                    if r is not _FAIL:
+                    if r is _FAIL:
+                        v = inner.build(v, False)
+                    else:
                         if r is not v:
-                            raw[name] = v = r
-                    v = inner.build(v)
+                            raw[name] = r
+                        v = inner.build(r, True)
                 else:
-                    v = t.build(v)
+                    v = t.build(v, _VALID in cache)
             cache[name] = v
         return v
 
