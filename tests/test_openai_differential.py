@@ -294,6 +294,70 @@ def test_whole_equal(case: fx.Case, mode: str):
     compare(s, o, f"{case.name}/{mode}", case.departures)
 
 
+def _both_stream(body: List[Any]) -> Tuple[List[Any], List[Any]]:
+    out = {}
+    for who in ("sdk", "ours"):
+        with LoopbackServer() as srv:
+            srv.script(sse(body))
+            res, err = run_sync(who, srv.url, stream=True)
+            assert err is None, err
+            out[who] = res
+    return out["sdk"], out["ours"]
+
+
+def test_dump_has_every_field():
+    """Difference 1: ``model_dump()`` has every declared field (None when not
+    sent), as LangChain reads it; ``exclude_unset`` gives what was sent, extras included."""
+    s, o = _both_stream(fx.BY_NAME["ls-content"].events(True))
+    d = o[1].model_dump()
+    assert d["choices"][0]["delta"]["role"] is None and d["usage"] is None and d["choices"][0]["logprobs"] is None
+    assert d == s[1].model_dump() and json.loads(o[1].model_dump_json()) == json.loads(s[1].model_dump_json())
+    last = o[-1].model_dump(exclude_unset=True)
+    assert last == s[-1].model_dump(exclude_unset=True) and "timings" in last and "obfuscation" not in last
+    assert o[-1].to_dict() == s[-1].to_dict() and json.loads(o[-1].to_json()) == json.loads(s[-1].to_json())
+
+
+def test_event_names_pass_data():
+    """Difference 4: ``event: delta`` events are chunks, as the SDK yields them."""
+    s, o = _both_stream(fx.BY_NAME["odd-event-names"].events(False))
+    assert len(s) == len(o) == 3
+    compare_streams(s, o, "event names")
+
+
+def test_ints_as_strings_coerced():
+    """Difference 5: declared ints sent as strings are coerced where the SDK
+    coerces (optional fields, validated subtrees: ``usage``), kept where it does not."""
+    s, o = _both_stream(fx.BY_NAME["odd-strings"].events(False))
+    assert o[2].usage.total_tokens == s[2].usage.total_tokens == 3
+    assert o[2].usage.prompt_tokens_details.cached_tokens == 1
+    assert o[3].usage.prompt_tokens == s[3].usage.prompt_tokens == "2"  # usage did not validate: as sent
+    assert o[0].created == s[0].created == str(fx.CREATED)  # a required int is constructed: as sent
+    assert o[1].choices[0].logprobs.content[0].logprob == -1.0  # a required float: the int becomes a float
+    compare_streams(s, o, "strings")
+
+
+def test_missing_delta_and_index_dump():
+    """Difference 6: a chunk without ``delta`` and a fragment without ``index``
+    dump those keys as None (``choice["delta"]``, ``tool_call["index"]`` read)."""
+    s, o = _both_stream(fx.BY_NAME["odd-no-delta"].events(False))
+    assert o[-1].model_dump()["choices"][0]["delta"] is None and o[-1].choices[0].delta is None
+    compare_streams(s, o, "no delta")
+    s, o = _both_stream(fx.BY_NAME["odd-no-index"].events(False))
+    assert o[1].model_dump()["choices"][0]["delta"]["tool_calls"][0]["index"] is None
+    compare_streams(s, o, "no index")
+
+
+def test_tool_call_message_content_is_none():
+    """Difference 2's decided case: a tool-call reply's ``content`` is None and an
+    empty reply's is ``""``, as llama-server's non-streamed body has them."""
+    for name, want in (("ls-tools", None), ("ls-empty", "")):
+        with LoopbackServer() as srv:
+            serve(srv, fx.replay(fx.BY_NAME[name]))
+            s, _ = run_sync("sdk", srv.url, stream=False)
+            o, _ = run_sync("ours", srv.url, stream=False)
+        assert s.choices[0].message.content == o.choices[0].message.content == want, name
+
+
 def test_refusal_survives_stream_false():
     """Difference 2: the refusal text reaches ``message.refusal`` and content is None, as in OpenAI's body."""
     case = fx.BY_NAME["oai-refusal"]

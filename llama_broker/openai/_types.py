@@ -321,7 +321,8 @@ class _TaggedT(_Type):
     def validate(self, v: Any) -> Any:
         if v.__class__ is not dict:
             return _FAIL
-        t = self.variants.get(v.get("type")) if v.get("type").__class__ is str else None
+        tag = v.get("type")
+        t = self.variants.get(tag) if isinstance(tag, str) else None
         return _FAIL if t is None else t.validate(v)
 
     def build(self, v: Any, valid: bool = False) -> Any:
