@@ -471,14 +471,15 @@ def test_data_not_json_raises(mode: str, payload: bytes):
     assert isinstance(oe, lbo.APIResponseValidationError)
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize("stream", [False, True])
-def test_timeouts_equal(stream: bool):
+def test_timeouts_equal(stream: bool, mode: str):
     """No status line within the timeout: APITimeoutError from both, after the same retries."""
     out, counts = {}, {}
     for who in ("sdk", "ours"):
         with LoopbackServer() as srv:
             srv.script(Reply(delay=3.0, headers=(("Content-Type", "application/json"),), body=[b"{}"], chunked=False))
-            out[who] = run_sync(who, srv.url, stream=stream, timeout=0.3, max_retries=1)
+            out[who] = RUNNERS[mode](who, srv.url, stream=stream, timeout=0.3, max_retries=1)
             counts[who] = len(srv.chat_requests())
     compare_errors(out["sdk"][1], out["ours"][1], f"timeout stream={stream}")
     assert counts["sdk"] == counts["ours"] == 2
@@ -638,3 +639,44 @@ def test_departure_server_ignored_stream():
         srv.script(lambda req: raw(200, json.dumps(case.body).encode(), "application/json"))
         o, oe = run_sync("ours", srv.url, stream=False)
     assert oe is None and o.choices[0].message.content == "Hello" and o.usage.total_tokens == 11
+
+
+# =============================================================================
+# the real llama-server (the fixtures' shapes, checked)
+# =============================================================================
+
+#: what differs between two answers of a real server: the request's id and time, its timings
+_PER_REQUEST = {"id": "per request", "created": "per request", "timings": "per request"}
+REAL_REQUEST = dict(temperature=0, seed=7, max_tokens=6, logprobs=True, top_logprobs=2, extra_body={"cache_prompt": False})
+
+
+def _real_pair(url: str, stream: bool, text: bool = False) -> Tuple[Any, Any]:
+    extra = dict(REAL_REQUEST)
+    if text:  # /v1/completions: logprobs is a count there
+        extra.update(logprobs=2)
+        del extra["top_logprobs"]
+    out = []
+    for kind in ("sdk", "ours"):
+        res, err = run_sync(kind, url, text=text, stream=stream, extra=extra, timeout=120.0)
+        assert err is None, err
+        out.append(res)
+    return out[0], out[1]
+
+
+@pytest.mark.llama_server
+@pytest.mark.parametrize("text", [False, True], ids=["chat", "completions"])
+def test_real_server_whole_equal(idle_server, text):
+    """``stream=False`` on the real server: the SDK reads its non-streamed body,
+    ours assembles its stream; equal but for what differs per request."""
+    s, o = _real_pair(idle_server.endpoint, stream=False, text=text)
+    compare(s, o, "real whole", _PER_REQUEST)
+    assert o.choices[0].logprobs and o.usage.completion_tokens == 6
+
+
+@pytest.mark.llama_server
+@pytest.mark.parametrize("text", [False, True], ids=["chat", "completions"])
+def test_real_server_stream_equal(idle_server, text):
+    s, o = _real_pair(idle_server.endpoint, stream=True, text=text)
+    assert len(s) == len(o) > 3
+    for i, (a, b) in enumerate(zip(s, o)):
+        compare(a, b, f"real chunk {i}", _PER_REQUEST)
