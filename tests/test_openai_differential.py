@@ -30,6 +30,7 @@ import openai_fixtures as fx
 from loopback import LoopbackServer, Reply, Stall, data, raw, sse
 
 import openai  # the oracle: a test dependency ([test] extra), never a runtime one
+import openai.types
 import openai.types.chat
 import pydantic
 
@@ -590,6 +591,80 @@ def test_generated_chunks_equal(chunks: List[Dict[str, Any]]):
         s = openai.types.chat.ChatCompletionChunk.construct(**json.loads(json.dumps(c)))
         o = lbt.ChatCompletionChunk._w(json.loads(json.dumps(c)))
         compare(s, o, f"chunk {i}: {c!r}")
+
+
+_msg_tool = _maybe(
+    {
+        "id": st.one_of(st.none(), _text),
+        "type": st.sampled_from(["function", "custom", "other", None]),
+        "function": st.one_of(st.none(), _function),
+        "custom": st.one_of(st.none(), _maybe({"name": _text, "input": st.one_of(_text, st.integers(0, 2))})),
+    }
+)
+_message = _maybe(
+    {
+        "role": st.sampled_from(["assistant", "tool", None]),
+        "content": st.one_of(st.none(), _text),
+        "refusal": st.one_of(st.none(), _text),
+        "reasoning_content": _text,
+        "tool_calls": st.one_of(st.none(), st.lists(st.one_of(_msg_tool, st.integers(0, 2)), max_size=3)),
+        "annotations": st.one_of(st.none(), st.lists(_maybe({"type": st.just("url_citation"), "url_citation": _maybe({"url": _text, "start_index": _scalar, "end_index": _scalar, "title": _text})}), max_size=2)),
+        "audio": st.one_of(st.none(), _maybe({"id": _text, "data": _text, "expires_at": _scalar, "transcript": _text})),
+        "function_call": st.one_of(st.none(), _function),
+    }
+)
+_whole_choice = _maybe(
+    {
+        "index": st.one_of(st.integers(0, 2), _num_str),
+        "message": st.one_of(st.none(), _message),
+        "finish_reason": st.sampled_from(["stop", "length", "tool_calls", None]),
+        "logprobs": st.one_of(st.none(), _maybe({"content": st.one_of(st.none(), st.lists(_lp, max_size=2))})),
+    }
+)
+_completion = _maybe(
+    {
+        "id": st.one_of(st.none(), _text),
+        "object": st.sampled_from(["chat.completion", "text_completion"]),
+        "created": _scalar,
+        "model": _text,
+        "choices": st.one_of(st.none(), st.lists(_whole_choice, max_size=2)),
+        "metadata": st.one_of(st.none(), st.dictionaries(_text, st.one_of(_text, st.integers(0, 2), st.none()), max_size=2)),
+        "usage": st.one_of(st.none(), _usage),
+        "timings": st.one_of(st.none(), _maybe({"predicted_n": _scalar})),
+    }
+)
+_text_choice = _maybe(
+    {
+        "index": st.one_of(st.integers(0, 2), _num_str),
+        "text": st.one_of(st.none(), _text, st.integers(0, 2)),
+        "finish_reason": st.sampled_from(["stop", "length", None]),
+        "logprobs": st.one_of(
+            st.none(),
+            _maybe(
+                {
+                    "tokens": st.lists(st.one_of(_text, st.integers(0, 2)), max_size=2),
+                    "token_logprobs": st.lists(st.one_of(st.integers(-2, 0), st.floats(-2, 0), _num_str, st.none()), max_size=2),
+                    "text_offset": st.lists(st.one_of(st.integers(0, 9), _num_str), max_size=2),
+                    "top_logprobs": st.lists(st.dictionaries(_text, st.one_of(st.integers(-2, 0), _num_str), max_size=2), max_size=2),
+                }
+            ),
+        ),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_completion, st.lists(_text_choice, max_size=2))
+def test_generated_whole_bodies_equal(body: Dict[str, Any], text_choices: List[Dict[str, Any]]):
+    """Whole answers (``chat.completion``, ``text_completion``) with random fields:
+    the SDK's object built from the body and ours over the same JSON."""
+    s = openai.types.chat.ChatCompletion.construct(**json.loads(json.dumps(body)))
+    o = lbt.ChatCompletion._w(json.loads(json.dumps(body)))
+    compare(s, o, f"chat.completion {body!r}")
+    text = dict(body, choices=text_choices)
+    s = openai.types.Completion.construct(**json.loads(json.dumps(text)))
+    o = lbt.Completion._w(json.loads(json.dumps(text)))
+    compare(s, o, f"text_completion {text!r}")
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

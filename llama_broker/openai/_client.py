@@ -249,15 +249,11 @@ class _Whole:
 _ABSENT = object()
 
 
-def _as_status_500(err: BrokerError) -> BrokerError:
+def _as_status_500(err: _e.APIError) -> _e.APIError:
     """An error reported inside the stream of a ``stream=False`` call: the server
     answers the same failure to a non-streamed request with HTTP 500 and the
     same envelope, so the SDK raises InternalServerError (and retries it)."""
-    if isinstance(err, _e.APIError) and err.status is None:
-        out = _e.APIError(err.message, status=500, type=err.type, code=err.code, body=err.body)
-        out.__cause__ = err
-        return out
-    return err
+    return _e.APIError(err.message, status=500, type=err.type, code=err.code, body=err.body)
 
 
 def _prepare(opts: _Options, kind: str, fixed: Dict[str, Any], stream: bool, kwargs: Dict[str, Any]) -> _Prepared:
@@ -344,7 +340,9 @@ class _Engine:
             acc = p.accumulator()
             try:
                 res = self.broker.perform(p.cfg, p.data, p.decoder(acc.add), url=p.url)
-            except BrokerError as err:
+            except _e.APIError as err:
+                if err.status is not None:
+                    raise
                 raise _as_status_500(err) from err
             return p.whole(acc, res)
 
@@ -660,7 +658,9 @@ class AsyncOpenAI:
             acc = p.accumulator()
             try:
                 res = await self._broker.aperform(p.cfg, p.data, p.decoder(acc.add), url=p.url)
-            except BrokerError as err:
+            except _e.APIError as err:
+                if err.status is not None:
+                    raise
                 raise _as_status_500(err) from err
             return p.whole(acc, res)
 

@@ -245,7 +245,11 @@ def _said(raw: str) -> Optional[str]:
 
 def _convert(err: BaseException, request: Optional[_Request]) -> BaseException:
     """The SDK-named error for one of llama_broker's (other exceptions unchanged)."""
-    if isinstance(err, OpenAIError) or not isinstance(err, BrokerError):
+    if isinstance(err, OpenAIError):
+        if getattr(err, "request", None) is None and request is not None:  # raised by a decoder: no request
+            err.request = request  # type: ignore[attr-defined]
+        return err
+    if not isinstance(err, BrokerError):
         return err
     out: APIError
     if isinstance(err, _e.APIError):
