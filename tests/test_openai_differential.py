@@ -437,10 +437,14 @@ def test_error_after_start_stream_false(mode: str):
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_error_in_stream_equal(mode: str):
+@pytest.mark.parametrize(
+    "error", [fx.MID_STREAM_ERROR, {"error": {"code": 500}}, {"error": "boom"}, {"error": {"message": ""}, "choices": []}],
+    ids=["envelope", "no-message", "string", "empty-message"],
+)
+def test_error_in_stream_equal(mode: str, error: Dict[str, Any]):
     """``stream=True``: the chunks before the error, then the SDK's APIError (ours:
     APIStreamError, a subclass, documented); a falsy ``error`` is no error."""
-    body = fx.mid_stream_error_events()
+    body = fx.mid_stream_error_events()[:-1] + [data(error)]
     out = {}
     for who in ("sdk", "ours"):
         with LoopbackServer() as srv:

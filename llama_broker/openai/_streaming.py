@@ -6,7 +6,8 @@ import json
 from typing import Any, Dict, Type
 
 from ..chunks import ChunkDecoder
-from ..decoder import api_error_from_body, json_loads
+from .. import errors as _e
+from ..decoder import json_loads
 from ..errors import BrokerError
 from ..native import AsyncEventStream, EventStream
 from ._errors import JSONDecodeError, _convert, _Request, _Response
@@ -49,7 +50,7 @@ class SDKChunkDecoder(ChunkDecoder):
     def _object(self, obj: Dict[str, Any], payload: bytes) -> None:
         if "error" in obj:
             if obj["error"]:
-                raise api_error_from_body(obj, None, payload.decode("utf-8", "replace"))
+                raise _stream_error(obj["error"], payload)
             # A falsy error is no error for the SDK: the chunk goes on as it
             # came; llama_broker's bookkeeping reads it without the key.
             on_chunk = self.on_chunk
@@ -64,6 +65,21 @@ class SDKChunkDecoder(ChunkDecoder):
         else:  # no choices list: passed on all the same (the SDK builds it)
             self.result.deltas += 1
             self.on_chunk(obj)
+
+
+def _stream_error(error: Any, payload: bytes) -> _e.APIError:
+    """The SDK's in-stream error: the error's ``message`` when it is a non-empty
+    string, else "An error occurred during streaming"; the body is the error."""
+    message = error.get("message") if isinstance(error, dict) else None
+    if not isinstance(message, str) or not message:
+        message = "An error occurred during streaming"
+    etype = error.get("type") if isinstance(error, dict) else None
+    return _e.APIError(
+        message,
+        type=etype if isinstance(etype, str) else None,
+        code=error.get("code") if isinstance(error, dict) else None,
+        body=payload.decode("utf-8", "replace"),
+    )
 
 
 # -- streams -----------------------------------------------------------------------
