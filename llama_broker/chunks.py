@@ -36,6 +36,9 @@ class _DecoderBase:
     own ``splitter``) or ``feed``, ``feed_whole``, ``result``."""
 
     __slots__ = ("strict", "result", "t0", "_warned", "splitter", "_pending")
+    #: False: events named other than ``message``/``error`` are counted and dropped;
+    #: True: their data is decoded as a ``message``'s (the OpenAI SDK's way).
+    other_events_are_data = False
 
     def __init__(
         self, *, strict: bool = False, t0: Optional[float] = None, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
@@ -74,7 +77,7 @@ class _DecoderBase:
                     except ValueError:
                         body = raw
                     raise api_error_from_body(body, None, raw)
-                if etype != b"message":
+                if etype != b"message" and not self.other_events_are_data:
                     res.extra["other_events"] = res.extra.get("other_events", 0) + 1
                     continue
             self._payload(payload)

@@ -91,16 +91,19 @@ def test_objects_have_the_sdk_shape():
         ch.no_such_field  # noqa: B018
     assert ch.choices is ch.choices  # nested objects are built once
     assert getattr(c0.delta, "audio", "x") is None and getattr(c0.delta, "nope", "x") == "x"
-    dumped = ch.model_dump()
+    dumped = ch.model_dump(exclude_unset=True)
     assert dumped == RAW_CHUNK and dumped is not ch._raw
-    assert ch.to_dict() == RAW_CHUNK and json.loads(ch.to_json()) == RAW_CHUNK == json.loads(ch.model_dump_json())
+    assert ch.to_dict() == RAW_CHUNK and json.loads(ch.to_json()) == RAW_CHUNK
+    full = ch.model_dump()  # the SDK's field set: declared fields the server left out are None
+    assert full["usage"] is None and full["choices"][0]["delta"]["role"] is None == full["choices"][0]["logprobs"]
+    assert json.loads(ch.model_dump_json()) == full
     assert "ChatCompletionChunk(id='c1'" in repr(ch)
     assert pickle.loads(pickle.dumps(ch)) == ch
     c0.delta.content = "changed"
     assert c0.delta.content == "changed" and ch.model_dump()["choices"][0]["delta"]["content"] == "changed"
     msg = lbo.ChatCompletionMessage(role="assistant", content="x")
-    assert msg.content == "x" and msg.tool_calls is None and msg.model_dump() == {"role": "assistant", "content": "x"}
-    assert dict(msg) == {"role": "assistant", "content": "x"}
+    assert msg.content == "x" and msg.tool_calls is None and msg.to_dict() == {"role": "assistant", "content": "x"}
+    assert dict(msg)["role"] == "assistant" and dict(msg)["refusal"] is None
     assert lbo.CompletionUsage.model_validate({"prompt_tokens": 1}).prompt_tokens == 1
 
 

@@ -29,10 +29,21 @@ Responses have the SDK's attribute shape: ``resp.choices[0].message.content``,
 ``resp.usage.completion_tokens``, ``chunk.choices[0].delta.content``,
 ``chunk.choices[0].delta.tool_calls[0].function.arguments``. Fields the server
 sends beyond the SDK's (llama.cpp's ``timings``, ``reasoning_content``) are
-attributes too, as with the SDK's models. ``model_dump()``, ``to_dict()``,
-``to_json()`` and ``model_dump_json()`` give the data back. The objects wrap
-the decoded JSON and build nested objects only when read, which is where the
-SDK spends most of its time per chunk.
+attributes too, as with the SDK's models. Each type declares the SDK's field
+set: a field the server left out reads as ``None`` and dumps as ``None``
+(``model_dump()``, ``model_dump_json()``), ``exclude_unset``/``exclude_none``/
+``exclude_defaults`` drop what the SDK's drop, and ``to_dict()``/``to_json()``
+give only what the server sent, as the SDK's. Values are coerced as the
+SDK's are: an optional field is validated in pydantic's lax mode (``"2"`` ->
+2 for an int; kept as sent when that fails), a required float turns an int
+into a float, other required fields keep what was sent. The objects wrap the
+decoded JSON and build nested objects (and coerce) only when read or dumped,
+which is where the SDK spends most of its time per chunk.
+
+The stream follows the SDK's rules: an event of any name carries data (an
+``event: delta`` chunk is yielded), a data value that is not an object is
+yielded as it is, an object with a truthy ``error`` raises, and a data line
+that is not JSON raises.
 
 ``embeddings.create`` takes a string, a list of strings, a token list or a
 list of token lists; without ``encoding_format`` the vectors travel as
@@ -64,7 +75,13 @@ or text answer is received as a stream, so its headers are the stream's
 with`` block (``await parse()`` on :class:`AsyncOpenAI`).
 
 Non-streaming calls stream underneath (with ``stream_options.include_usage``)
-and are assembled into the same object the server would have sent. A stream
+and are assembled into the object the server sends to a non-streamed
+request: ``content`` is the joined text, ``None`` for a tool-call or refusal
+message and ``""`` when nothing was generated (as llama-server and OpenAI
+send them), ``refusal`` and ``logprobs`` appear when the chunks carried them.
+An error reported inside that stream is the SDK's :class:`InternalServerError`
+(``status_code`` 500, retried as a 500 is), since the same server answers the
+non-streamed request with HTTP 500 and the same error. A stream
 is pulled from libcurl on demand (no threads); ``close()`` or leaving the
 ``with`` block closes the connection, which cancels the generation.
 ``create(stream=True)`` returns once the response status is known, so an
@@ -90,6 +107,32 @@ error reported inside a stream is an :class:`APIStreamError` (an
 :class:`AsyncOpenAI` runs on llama_broker's asyncio engine (curl's socket
 callbacks on the running loop, no threads), the models and embeddings calls
 too.
+
+Departures from the SDK (everything else reads, dumps and raises as the SDK
+does; tests/test_openai_differential.py compares the two on the same bytes):
+
+- An ``error:`` line (older llama-server), or any event named ``error``,
+  raises :class:`APIStreamError`; the SDK ignores the ``error`` field.
+- A stream cut before any finish (no ``[DONE]``, no ``finish_reason``) raises
+  :class:`APIConnectionError` instead of ending silently.
+- A server that ignored ``stream`` (a whole JSON body) still works: its answer
+  is the one chunk of the stream, or the whole reply.
+- An error inside a ``stream=True`` stream is an :class:`APIStreamError`, a
+  subclass of the SDK-named :class:`APIError` (the SDK raises ``APIError``
+  itself); ``message``, ``body``, ``code``, ``type`` are the SDK's.
+- A data line that is not JSON raises ``_errors.JSONDecodeError``: a
+  ``json.JSONDecodeError`` with the SDK's name and text, and an
+  :class:`APIResponseValidationError`. Invalid UTF-8 in a data line is
+  replaced by U+FFFD (the SDK raises ``UnicodeDecodeError``).
+- A ``stream=False`` answer is assembled from the stream, so keys a server puts
+  only in its non-streamed body are absent: OpenAI's non-streamed
+  ``annotations: []`` (it reads as ``None``).
+- ``moderation`` (OpenAI's own) is kept as the data sent, not built as objects.
+- ``model_validate`` and the constructors build without validating (as
+  ``construct``); ``include``/``exclude`` of the dumps apply to top-level
+  fields; no pydantic serializer warnings are emitted for odd values.
+- :class:`APITimeoutError` and :class:`APIConnectionError` carry the SDK's
+  ``message``; ``str()`` of them says what happened in llama_broker's words.
 
 Nothing here imports the ``openai`` or ``pydantic`` package.
 """

@@ -20,7 +20,7 @@ from ..policy import encode_body
 from ..policy import sdk_retry_delay
 from ._errors import APIResponseValidationError, _convert, _Request
 from ._raw import _CAPTURE, _RawClient, _RawResource, _StreamingResource, json_decoder
-from ._streaming import AsyncStream, Stream
+from ._streaming import AsyncStream, SDKChunkDecoder, Stream
 from ._types import DEFAULT_TIMEOUT, NOT_GIVEN, BaseModel, ChatCompletion, ChatCompletionChunk, Completion, Model, SyncPage, _given
 
 _T = TypeVar("_T")
@@ -167,23 +167,96 @@ class _Prepared:
         self.request = request
         self.stream = stream
 
-    def accumulator(self) -> Any:
-        return ChatAccumulator() if self.kind == "chat" else TextAccumulator()
+    def accumulator(self) -> "_Whole":
+        return _Whole(self.kind)
 
     def decoder(self, push: Callable[[Any], Any]) -> Callable[[float], ChunkDecoder]:
         strict, limit = self.cfg.strict, self.cfg.max_event_bytes
         cap = _CAPTURE.get()  # a with_raw_response call: decoders that keep their response
         if cap is not None:
             return cap.chunk_decoders(push, strict, limit)
-        return lambda t0: ChunkDecoder(push, strict=strict, t0=t0, max_event_bytes=limit)
+        return lambda t0: SDKChunkDecoder(push, strict=strict, t0=t0, max_event_bytes=limit)
 
-    def whole(self, acc: Any, res: Any) -> BaseModel:
-        raw = acc.reply(res).to_openai()
-        return (ChatCompletion if self.kind == "chat" else Completion)._w(raw)
+    def whole(self, acc: "_Whole", res: Any) -> BaseModel:
+        return (ChatCompletion if self.kind == "chat" else Completion)._w(acc.whole(res))
 
     @property
     def chunk_type(self) -> Type[BaseModel]:
         return ChatCompletionChunk if self.kind == "chat" else Completion
+
+
+class _Whole:
+    """A ``stream=False`` answer assembled from the stream underneath, shaped as
+    the server's non-streamed body: the accumulated reply, plus what only the
+    chunks tell (OpenAI's ``refusal`` and ``logprobs: null``, its ``service_tier``)."""
+
+    __slots__ = ("kind", "acc", "refusal", "logprobs", "lp_null", "service_tier")
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.acc: Any = ChatAccumulator() if kind == "chat" else TextAccumulator()
+        self.refusal: Dict[int, List[str]] = {}  # choice index → refusal pieces (a delta had the key)
+        self.logprobs: set = set()  # choice indexes whose chunks had a logprobs key
+        self.lp_null: set = set()  # (choice index, logprobs key) a chunk sent as null
+        self.service_tier: Any = _ABSENT
+
+    def add(self, chunk: Any) -> None:
+        if chunk.__class__ is not dict:  # a non-object data line: nothing to assemble
+            return
+        self.acc.add(chunk)
+        if "service_tier" in chunk:
+            self.service_tier = chunk["service_tier"]
+        choices = chunk.get("choices")
+        if choices.__class__ is not list:
+            return
+        for c in choices:
+            if c.__class__ is not dict:
+                continue
+            idx = c.get("index", 0)
+            if not isinstance(idx, int):
+                idx = 0  # as the accumulator counts it
+            if "logprobs" in c:
+                self.logprobs.add(idx)
+                lp = c["logprobs"]
+                if lp.__class__ is dict:
+                    self.lp_null.update((idx, k) for k, v in lp.items() if v is None)
+            d = c.get("delta")
+            if d.__class__ is dict and "refusal" in d:
+                parts = self.refusal.setdefault(idx, [])
+                if d["refusal"].__class__ is str:
+                    parts.append(d["refusal"])
+
+    def whole(self, res: Any) -> Dict[str, Any]:
+        raw = self.acc.reply(res).to_openai()
+        if self.service_tier is not _ABSENT:
+            raw["service_tier"] = self.service_tier
+        for c in raw["choices"]:
+            idx = c["index"]
+            lp = c.get("logprobs")
+            if idx not in self.logprobs and lp is None:
+                del c["logprobs"]  # llama-server sends the key only when asked for logprobs
+            elif lp.__class__ is dict:
+                for k, v in lp.items():  # no tokens, and the chunks said null (OpenAI's refusal list)
+                    if v == [] and (idx, k) in self.lp_null:
+                        lp[k] = None
+            msg = c.get("message")
+            parts = self.refusal.get(idx)
+            if msg is not None and parts is not None:
+                refusal = "".join(parts) or None
+                msg["refusal"] = refusal
+                if refusal and not msg.get("content"):
+                    msg["content"] = None  # a refusal has no content, as in OpenAI's body
+        return raw
+
+
+_ABSENT = object()
+
+
+def _as_status_500(err: _e.APIError) -> _e.APIError:
+    """An error reported inside the stream of a ``stream=False`` call: the server
+    answers the same failure to a non-streamed request with HTTP 500 and the
+    same envelope, so the SDK raises InternalServerError (and retries it)."""
+    return _e.APIError(err.message, status=500, type=err.type, code=err.code, body=err.body)
 
 
 def _prepare(opts: _Options, kind: str, fixed: Dict[str, Any], stream: bool, kwargs: Dict[str, Any]) -> _Prepared:
@@ -203,7 +276,7 @@ def _json_default(o: Any) -> Any:
     """Response objects put back into a request (``messages.append(resp.choices[0].message)``)
     go as the data the server sent, as the SDK sends its models."""
     if isinstance(o, BaseModel):
-        return o._raw
+        return o.model_dump(exclude_unset=True, mode="json")  # as the SDK sends its models
     dump = getattr(o, "model_dump", None)  # another library's pydantic model
     if callable(dump):
         return dump(exclude_unset=True, mode="json")
@@ -268,7 +341,12 @@ class _Engine:
             # The reply is assembled before the caller sees any of it, so (as
             # with the SDK) even a connection broken mid-body may be retried.
             acc = p.accumulator()
-            res = self.broker.perform(p.cfg, p.data, p.decoder(acc.add), url=p.url)
+            try:
+                res = self.broker.perform(p.cfg, p.data, p.decoder(acc.add), url=p.url)
+            except _e.APIError as err:
+                if err.status is not None:
+                    raise
+                raise _as_status_500(err) from err
             return p.whole(acc, res)
 
         return self._retrying(p.request, whole)
@@ -645,7 +723,12 @@ class AsyncOpenAI:
 
         async def whole() -> BaseModel:
             acc = p.accumulator()
-            res = await self._broker.aperform(p.cfg, p.data, p.decoder(acc.add), url=p.url)
+            try:
+                res = await self._broker.aperform(p.cfg, p.data, p.decoder(acc.add), url=p.url)
+            except _e.APIError as err:
+                if err.status is not None:
+                    raise
+                raise _as_status_500(err) from err
             return p.whole(acc, res)
 
         return await self._retrying(p.request, whole)

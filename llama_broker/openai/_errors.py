@@ -174,11 +174,17 @@ class APIConnectionError(APIError, _e.TransportError):
 
     prefix = "transport"
 
+    #: what went wrong, in llama_broker's words (``message`` is the SDK's)
+    detail: Optional[str] = None
+
     def __init__(self, *, message: str = "Connection error.", request: Optional[_Request] = None) -> None:
         self._sdk_fields(message, request, None)
         self.curl_code: Optional[int] = None
         self.bytes_received = 0
         self.delivered = False
+
+    def __str__(self) -> str:
+        return f"{self.prefix}: {self.detail or self.message}"
 
 
 class APITimeoutError(APIConnectionError, _e.TimeoutError_):
@@ -198,6 +204,23 @@ class APIResponseValidationError(APIError, _e.ProtocolError):
         self.status_code = status_code
 
 
+class JSONDecodeError(APIResponseValidationError, json.JSONDecodeError):
+    """A ``data:`` line that is not JSON. The SDK raises ``json.JSONDecodeError``
+    there; this is one (same name, ``msg``, ``doc``, ``pos``, same text), and an
+    :class:`APIResponseValidationError` (a ``llama_broker.ProtocolError``)."""
+
+    def __init__(self, msg: str, doc: str, pos: int, request: Optional[_Request] = None) -> None:
+        json.JSONDecodeError.__init__(self, msg, doc, pos)
+        self._sdk_fields(json.JSONDecodeError.__str__(self), request, None)
+        self.status_code = 200
+
+    def __str__(self) -> str:
+        return json.JSONDecodeError.__str__(self)
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.msg, self.doc, self.pos, self.request))
+
+
 def _error_body(raw: Optional[str]) -> Any:
     if raw is None:
         return None
@@ -208,9 +231,25 @@ def _error_body(raw: Optional[str]) -> Any:
     return body.get("error", body) if isinstance(body, dict) else body
 
 
+def _said(raw: str) -> Optional[str]:
+    """The message an error body's JSON names (``{"error": {"message": …}}``), as
+    the SDK puts it after ``Error code: N - ``; None for any other body."""
+    try:
+        body = json.loads(raw.strip())
+    except ValueError:
+        return None
+    error = body.get("error", body) if isinstance(body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    return message if isinstance(message, str) and message else None
+
+
 def _convert(err: BaseException, request: Optional[_Request]) -> BaseException:
     """The SDK-named error for one of llama_broker's (other exceptions unchanged)."""
-    if isinstance(err, OpenAIError) or not isinstance(err, BrokerError):
+    if isinstance(err, OpenAIError):
+        if getattr(err, "request", None) is None and request is not None:  # raised by a decoder: no request
+            err.request = request  # type: ignore[attr-defined]
+        return err
+    if not isinstance(err, BrokerError):
         return err
     out: APIError
     if isinstance(err, _e.APIError):
@@ -224,7 +263,8 @@ def _convert(err: BaseException, request: Optional[_Request]) -> BaseException:
         else:
             status = err.status
             cls = _STATUS_ERRORS.get(status) or (InternalServerError if status >= 500 else APIStatusError)
-            msg = f"Error code: {status}" + (f" - {err.message}" if err.message else "")
+            said = _said(err.body or "")
+            msg = f"Error code: {status}" + (f" - {said}" if said else "")
             out = cls(
                 msg,
                 response=_Response(status, request, err.body or "", err.headers),
@@ -234,9 +274,10 @@ def _convert(err: BaseException, request: Optional[_Request]) -> BaseException:
             )
     elif isinstance(err, _e.TransportError):
         if isinstance(err, _e.TimeoutError_):
-            out = APITimeoutError(request, message=err.message)
+            out = APITimeoutError(request)
         else:
-            out = APIConnectionError(message=err.message, request=request)
+            out = APIConnectionError(request=request)
+        out.detail = err.message  # type: ignore[attr-defined]
         out.curl_code = err.curl_code  # type: ignore[attr-defined]
         out.bytes_received = err.bytes_received  # type: ignore[attr-defined]
         out.delivered = err.delivered  # type: ignore[attr-defined]

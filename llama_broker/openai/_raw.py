@@ -24,13 +24,14 @@ from ..decoder import JSONBody
 from ..errors import ConfigError, Headers
 from ..native import ChunkDecoder
 from ._errors import _Request, _Response
+from ._streaming import SDKChunkDecoder
 from ._types import _dump
 
 __all__ = ["LegacyAPIResponse", "AsyncAPIResponse"]
 
 
-class _KeptChunkDecoder(ChunkDecoder):
-    """A ChunkDecoder that the transport hands its Call (``keeps_call``)."""
+class _KeptChunkDecoder(SDKChunkDecoder):
+    """The drop-in's chunk decoder, which the transport hands its Call (``keeps_call``)."""
 
     __slots__ = ("call",)
     keeps_call = True

@@ -357,7 +357,7 @@ def parse_completion(completion: Any, response_format: Any, tools: Any) -> Any:
         if choice.finish_reason == "content_filter":
             raise ContentFilterFinishReasonError(completion=completion)
     rich = _given(response_format) and not isinstance(response_format, dict)
-    raw = _plain(completion._raw, False)
+    raw = _plain(completion._raw)
     made: List[Tuple[Any, List[Any]]] = []  # per choice: (parsed, [parsed_arguments per kept tool call])
     for choice in raw.get("choices") or []:
         msg = choice.get("message") or {}
