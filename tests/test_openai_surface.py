@@ -536,6 +536,10 @@ def _parse_facts(r: Any) -> Dict[str, Any]:
         args=[(type(t.function.parsed_arguments).__name__, t.function.parsed_arguments if isinstance(t.function.parsed_arguments, dict)
                else t.function.parsed_arguments.model_dump()) for t in tcs],
         dump=dump(r),
+        # parsed is a model inside the data: every dump reaches inside it with its options
+        full=r.model_dump(),
+        unset=r.to_dict(),
+        as_json=json.loads(r.model_dump_json()),
     )
 
 

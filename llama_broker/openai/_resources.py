@@ -18,6 +18,7 @@ from ._client import _json_default, _split
 from ._errors import APIResponseValidationError, ContentFilterFinishReasonError, LengthFinishReasonError, _Request
 from ._raw import _RawResource, _StreamingResource, json_decoder
 from ._types import (
+    _Kept,
     NOT_GIVEN,
     AsyncPage,
     CreateEmbeddingResponse,
@@ -343,8 +344,8 @@ def _parse_arguments(tools: List[Any], function: Any) -> Any:
 
 
 def _json_form(obj: Any) -> Any:
-    dump = getattr(obj, "model_dump", None)
-    return dump(mode="json") if callable(dump) else obj
+    """A parsed value as the data holds it: a model (its dumps are its own), or the plain value."""
+    return _Kept(obj) if callable(getattr(obj, "model_dump", None)) else obj
 
 
 def parse_completion(completion: Any, response_format: Any, tools: Any) -> Any:
@@ -358,38 +359,25 @@ def parse_completion(completion: Any, response_format: Any, tools: Any) -> Any:
             raise ContentFilterFinishReasonError(completion=completion)
     rich = _given(response_format) and not isinstance(response_format, dict)
     raw = _plain(completion._raw)
-    made: List[Tuple[Any, List[Any]]] = []  # per choice: (parsed, [parsed_arguments per kept tool call])
     for choice in raw.get("choices") or []:
         msg = choice.get("message") or {}
         choice["message"] = msg
-        args: List[Any] = []
         kept = []
         for tc in msg.get("tool_calls") or []:
             if tc.get("type") == "function":
                 parsed_args = _parse_arguments(tools, tc.get("function") or {})
                 tc["function"] = dict(tc.get("function") or {}, parsed_arguments=_json_form(parsed_args))
-                args.append(parsed_args)
                 kept.append(tc)
             elif tc.get("type") == "custom":
                 log.warning("Custom tool calls are not callable. Ignoring tool call: %s", tc.get("id"))
             else:
                 kept.append(tc)
-                args.append(None)
         parsed = None
         if rich and msg.get("content") and not msg.get("refusal"):
             parsed = response_format.model_validate_json(msg["content"])
         msg["parsed"] = _json_form(parsed)
         msg["tool_calls"] = kept or None
-        made.append((parsed, args))
-    out = ParsedChatCompletion._w(raw)
-    # The attributes are the objects made above (the data keeps their JSON form).
-    for choice, (parsed, args) in zip(out.choices or [], made):
-        message = choice.message
-        message.__dict__["parsed"] = parsed
-        for tc, a in zip(message.tool_calls or [], args):
-            if tc.function is not None:
-                tc.function.__dict__["parsed_arguments"] = a
-    return out
+    return ParsedChatCompletion._w(raw)  # parsed/parsed_arguments read as the objects made above
 
 
 def parse_kwargs(response_format: Any, tools: Any, kwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any]]:

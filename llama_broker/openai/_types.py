@@ -1054,11 +1054,38 @@ CreateEmbeddingResponse = _model(
 # -- chat.completions.parse ----------------------------------------------------------------
 
 
+class _Kept:
+    """An object the client made (``parse()``'s pydantic instance) held in the
+    data; its dumps are its own ``model_dump`` with the same options, as
+    pydantic dumps a nested model (``exclude_none`` reaches inside it)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "_Kept":
+        return _Kept(_copy.deepcopy(self.obj, memo))
+
+
 class _KeptT(_Type):
     """A field the client sets (``parsed``, ``parsed_arguments``): the attribute
-    is the object kept in the field's cache, the data is its JSON form."""
+    is the object itself, the dumps its dump (a plain value is kept as it is)."""
 
     __slots__ = ()
+
+    def build(self, v: Any, valid: bool = False) -> Any:
+        return v.obj if v.__class__ is _Kept else v
+
+    def dump(self, v: Any, o: "_DumpOpts") -> Any:
+        if v.__class__ is _Kept:
+            return v.obj.model_dump(
+                mode="json" if o.json else "python",
+                exclude_unset=o.unset,
+                exclude_none=o.none,
+                exclude_defaults=o.defaults,
+            )
+        return _plain(v)
 
 
 _KEPT = _OptT(_KeptT())
