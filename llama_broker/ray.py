@@ -16,8 +16,8 @@ It is one ``map_batches`` stage on an actor pool. Each actor holds one
 by the batch-job scheduler (:class:`llama_broker.jobs.JobRunner`: the fewest
 outstanding requests first, retries with the server's ``Retry-After``, an
 endpoint that refuses or answers 503 rested) on the Broker's pulled engine,
-whose latency budget (``max_delay_ms``) lets one wake-up read every stream
-that has data.
+whose latency budget (``max_delay_ms``, 50 ms here) lets one wake-up read
+every stream that has data.
 
 Every input row comes out, in order, with its input columns and (chat and
 completions) ``generated_text``, ``finish_reason``, ``usage``, ``timings`` and
@@ -44,12 +44,12 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, 
 from .broker import Broker
 from .config import ModelConfig, endpoint_configs
 from .embeddings import decode_embedding
-from .engine import DEFAULT_MAX_DELAY_MS
+from .engine import check_max_delay
 from .errors import APIError, BrokerError, ConfigError, ProtocolError
 from .jobs import Job, JobResult, JobRunner
 
 if TYPE_CHECKING:  # pragma: no cover
-    import pyarrow as pa
+    import pyarrow as pa  # type: ignore[import-untyped]
     import ray.data
 
 __all__ = [
@@ -72,6 +72,10 @@ KINDS: Dict[str, str] = {
 _REQUIRED = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 #: the processor's own settings (the rest of ``**config`` goes to ModelConfig)
 _STAGE_KEYS = ("max_delay_ms", "inputs_per_request", "num_cpus", "ray_remote_args")
+#: the stage's latency budget: a row is handed out whole with its batch, so its
+#: tokens may wait in the kernel longer than in map's interactive default (10 ms)
+#: and one wake-up reads several tokens of every stream
+STAGE_MAX_DELAY_MS = 50.0
 
 _USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 _TIMINGS_INT = ("prompt_n", "predicted_n", "cache_n")
@@ -311,7 +315,7 @@ class BrokerStage:
         for idx in self._embed_pass(groups, vectors, usage, errors, split=True):
             refused.extend(idx)
         if refused:
-            singles = [((i,), _single(bodies, i)) for i in refused]
+            singles: List[Tuple[Tuple[int, ...], Dict[str, Any]]] = [((i,), _single(bodies, i)) for i in refused]
             for _ in self._embed_pass(singles, vectors, usage, errors, split=False):
                 pass  # pragma: no cover - split=False yields nothing
         offsets = [0]
@@ -508,7 +512,9 @@ def build_processor(
     ``**config`` holds :class:`~llama_broker.ModelConfig` fields applied to
     URL endpoints (``key_env``, ``timeout_ms``, ``idle_timeout_ms``,
     ``headers``, ``max_retries`` …) and the stage's own settings:
-    ``max_delay_ms`` (the engine's latency budget, default 10),
+    ``max_delay_ms`` (the engine's latency budget, default 50: a row is
+    handed out with its whole batch, so its tokens may wait in the kernel and
+    one wake-up reads several of each stream),
     ``inputs_per_request``, ``num_cpus`` (per actor) and ``ray_remote_args``
     (more ``map_batches`` arguments). ``model``, ``temperature`` and
     ``params`` become defaults of every request body (a preprocessed request
@@ -546,7 +552,7 @@ def build_processor(
         defaults["model"] = model
     defaults.update(params)
     max_retries = max(c.max_retries for c in cfgs)
-    max_delay_ms = stage.get("max_delay_ms", DEFAULT_MAX_DELAY_MS)
+    max_delay_ms = check_max_delay(stage.get("max_delay_ms", STAGE_MAX_DELAY_MS))
     settings = _Settings(
         kind=kind,
         endpoints=cfgs,
