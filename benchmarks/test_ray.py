@@ -8,7 +8,9 @@ processes the same ``ROWS``-row Dataset with ``IN_FLIGHT`` requests in flight:
 
 ``llama_broker.ray``
     ``build_processor(concurrency=1, streams_per_actor=IN_FLIGHT)``: one actor,
-    its Broker streaming every request (the coalesced engine, ``max_delay_ms`` 10).
+    its Broker streaming every request (the coalesced engine, ``max_delay_ms`` 50).
+``llama_broker.ray stream=False``
+    the same asking for each answer whole (``stream: false``), as Ray's does.
 ``ray.data.llm HTTP``
     ``ray.data.llm.HttpRequestProcessorConfig`` + ``build_processor``, Ray's
     own: aiohttp, non-streamed (the answer comes whole when its last token
@@ -57,7 +59,8 @@ LB_BATCH = 8 * IN_FLIGHT
 #: Ray's HTTP stage sends a batch's rows one after another: small batches, 4 at once per actor
 RAY_BATCH = 8
 RAY_BATCHES_PER_ACTOR = 4
-#: its actors: IN_FLIGHT / 4 nominally; more where it falls short of the rate
+#: its actors: IN_FLIGHT / 4 nominally (more where it falls short of the rate; they
+#: share 0.8 of the 2 CPUs so that the rest of the pipeline can be scheduled)
 RAY_ACTORS = int(os.environ.get("LB_BENCH_RAY_HTTP_ACTORS") or max(1, IN_FLIGHT // RAY_BATCHES_PER_ACTOR))
 RUN_TIMEOUT_S = 900.0
 #: blocks that come out less than this apart belong to one burst (see run_once)
@@ -134,16 +137,18 @@ def cpu_between(a: Dict[int, Tuple[float, bool]], b: Dict[int, Tuple[float, bool
 # -- the clients ------------------------------------------------------------------------
 
 
-def lb_processor(url: str) -> Tuple[Any, Callable[[Dict[str, Any]], Optional[str]]]:
+def lb_processor(url: str, **kw: Any) -> Tuple[Any, Callable[[Dict[str, Any]], Optional[str]]]:
     from llama_broker.ray import build_processor
 
+    whole = kw.get("stream") is False
     proc = build_processor(
         endpoints=[url],
-        preprocess=lambda row: {"messages": h.MESSAGES, **_params(row["id"])},
+        preprocess=lambda row: {"messages": h.MESSAGES, **_params(row["id"]), **({"bench_whole": True} if whole else {})},
         concurrency=1,
         batch_size=LB_BATCH,
         streams_per_actor=IN_FLIGHT,
         num_cpus=0.5,
+        **kw,
     )
     return proc, lambda row: row["generated_text"]
 
@@ -156,7 +161,8 @@ def ray_http_processor(url: str) -> Tuple[Any, Callable[[Dict[str, Any]], Option
         url=url + "/v1/chat/completions",
         batch_size=RAY_BATCH,
         concurrency=(actors, actors),
-        http_request_stage={"num_cpus": 0.1},
+        # the actors, the read task (1 CPU) and the pre/postprocess tasks must fit in 2 CPUs
+        http_request_stage={"num_cpus": min(0.1, 0.8 / actors)},
     )
     proc = build_processor(
         cfg,
@@ -342,6 +348,11 @@ def _bench(benchmark: Any, srv: ServerProcess, client: str, make: Callable[[str]
 def test_ray_stage_llama_broker(benchmark: Any, ray_srv: ServerProcess) -> None:
     _bench(benchmark, ray_srv, "llama_broker.ray", lb_processor,
            f"1 actor × {IN_FLIGHT} streams, batches of {LB_BATCH}; streamed, max_delay_ms 50")
+
+
+def test_ray_stage_llama_broker_whole(benchmark: Any, ray_srv: ServerProcess) -> None:
+    _bench(benchmark, ray_srv, "llama_broker.ray stream=False", lambda url: lb_processor(url, stream=False),
+           f"1 actor × {IN_FLIGHT} requests, batches of {LB_BATCH}; non-streamed, as Ray's")
 
 
 def test_ray_stage_ray_http(benchmark: Any, ray_srv: ServerProcess) -> None:

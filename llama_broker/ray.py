@@ -59,6 +59,7 @@ __all__ = [
     "BrokerStage",
     "Processor",
     "build_processor",
+    "error_text",
     "output_schema",
 ]
 
@@ -71,7 +72,7 @@ KINDS: Dict[str, str] = {
 #: the field of a preprocessed request that each kind needs
 _REQUIRED = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 #: the processor's own settings (the rest of ``**config`` goes to ModelConfig)
-_STAGE_KEYS = ("max_delay_ms", "inputs_per_request", "num_cpus", "ray_remote_args")
+_STAGE_KEYS = ("max_delay_ms", "inputs_per_request", "num_cpus", "ray_remote_args", "stream")
 #: the stage's latency budget: a row is handed out whole with its batch, so its
 #: tokens may wait in the kernel longer than in map's interactive default (10 ms)
 #: and one wake-up reads several tokens of every stream
@@ -122,8 +123,10 @@ def output_schema(kind: str = "chat") -> "pa.Schema":
     ``usage`` is a struct of ``prompt_tokens``, ``completion_tokens`` and
     ``total_tokens`` (:data:`USAGE_TYPE`); ``timings`` a struct of llama.cpp's
     timing fields (:data:`TIMINGS_TYPE`; other fields a server sends are left
-    out, a server that sends none gives null); ``embedding`` a list of float32.
-    A failed row has null in every added column but ``error``.
+    out, a server that sends none gives null); ``embedding`` a list of float32
+    (for embeddings ``usage`` is the request's, so it is set only on a row that
+    had a request of its own). A failed row has null in every added column but
+    ``error``.
     """
     pa = _pa()
     _check_kind(kind)
@@ -189,6 +192,7 @@ class _Settings:
     max_delay_ms: float
     defaults: Dict[str, Any]
     inputs_per_request: int
+    stream: bool = True
 
 
 class BrokerStage:
@@ -281,7 +285,7 @@ class BrokerStage:
         finish: List[Optional[str]] = [None] * n
         usage: List[Any] = [None] * n
         timings: List[Any] = [None] * n
-        jobs = [Job(i, self.path, b) for i, b in enumerate(bodies) if b is not None]
+        jobs = [Job(i, self.path, b, stream=self.s.stream) for i, b in enumerate(bodies) if b is not None]
         chat = self.s.kind == "chat"
         for r in self._run(jobs):
             i = r.key
@@ -515,8 +519,12 @@ def build_processor(
     ``max_delay_ms`` (the engine's latency budget, default 50: a row is
     handed out with its whole batch, so its tokens may wait in the kernel and
     one wake-up reads several of each stream),
-    ``inputs_per_request``, ``num_cpus`` (per actor) and ``ray_remote_args``
-    (more ``map_batches`` arguments). ``model``, ``temperature`` and
+    ``inputs_per_request``, ``num_cpus`` (per actor), ``ray_remote_args``
+    (more ``map_batches`` arguments) and ``stream`` (default True; False
+    asks for each chat or text completion whole, ``stream: false``: one
+    wake-up per row instead of one per few tokens, the least CPU when
+    nothing is needed before a row's end, but a stalled generation is then
+    caught by ``timeout_ms`` alone, not ``idle_timeout_ms``). ``model``, ``temperature`` and
     ``params`` become defaults of every request body (a preprocessed request
     overrides them).
 
@@ -564,6 +572,7 @@ def build_processor(
         max_delay_ms=float(max_delay_ms),
         defaults=defaults,
         inputs_per_request=inputs_per_request,
+        stream=bool(stage.get("stream", True)),
     )
     from ray.data import ActorPoolStrategy
 

@@ -193,6 +193,38 @@ def _paced(tokens: List[str], gap: float) -> List[Any]:
     return out
 
 
+def test_non_streamed_rows_get_the_same_columns() -> None:
+    import ray
+
+    def whole(req: Request) -> Reply:
+        body = req.json
+        assert body["stream"] is False and "stream_options" not in body
+        content = body["messages"][-1]["content"]
+        if content == "q5":
+            return api_error(400, "row five is refused", "invalid_request_error")
+        out = {
+            "id": "c", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": _answer(content)}, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9},
+            "timings": {"prompt_n": 3, "predicted_n": 6, "predicted_ms": 12.0},
+        }
+        return raw(200, json.dumps(out).encode(), "application/json")
+
+    with LoopbackServer() as srv:
+        srv.script(whole)
+        proc = _procs(endpoints=[srv.url], batch_size=20, streams_per_actor=8, stream=False)
+        rows = _take_all(proc(ray.data.range(20)))
+        assert [r["id"] for r in rows] == list(range(20))
+        for r in rows:
+            if r["id"] == 5:
+                assert "HTTP 400" in r["error"] and "row five is refused" in r["error"] and r["generated_text"] is None
+                continue
+            assert r["error"] is None and r["generated_text"] == _answer(f"q{r['id']}")
+            assert r["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 6
+            assert r["timings"]["predicted_ms"] == 12.0 and r["timings"]["prompt_ms"] is None
+        assert len(srv.chat_requests()) == 20
+
+
 def test_an_invalid_row_gets_its_own_error_and_the_others_succeed() -> None:
     import ray
 
