@@ -21,9 +21,11 @@ processes the same ``ROWS``-row Dataset with ``IN_FLIGHT`` requests in flight:
     ``map_batches`` actor stage written plainly, one aiohttp request per row,
     ``asyncio.gather`` under a semaphore (2 actors, the same requests in flight).
 
-Measured: wall time; rows/s from the first rows out to the last (Ray's start-up,
-10-30 s here, and the first burst of blocks, whose work came before, are left
-out of it); CPU seconds per row over the same window,
+Measured: wall time; rows/s over a window that opens at the first block out
+once every actor has started (Ray's start-up, 10-50 s here, and the actors'
+own start-up CPU stay out; so does the burst of blocks that comes out with
+it, whose work came before) and closes at the last row; CPU seconds per row
+over the same window,
 of every process of the Ray instance (the driver, raylet, GCS, the actor and
 task workers: read from ``/proc``, the stream server excluded) and of the
 workers alone (``ray::`` processes: where the requests are made). Every row's
@@ -81,6 +83,19 @@ def _params(i: int) -> Dict[str, Any]:
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
+
+
+def map_workers(exclude: Set[int]) -> int:
+    """How many of the Ray instance's processes are ``map_batches`` actors that
+    finished starting (Ray titles them ``ray::MapWorker(…)`` once created)."""
+    n = 0
+    for pid in ray_cpu(exclude):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                n += f.read(14) == b"ray::MapWorker"
+        except OSError:
+            pass
+    return n
 
 
 def ray_cpu(exclude: Set[int]) -> Dict[int, Tuple[float, bool]]:
@@ -259,9 +274,9 @@ def ray_srv() -> Iterator[ServerProcess]:
             ray.shutdown()
 
 
-def run_once(srv: ServerProcess, make: Callable[[str], Any]) -> Dict[str, Any]:
-    """Process ``ROWS`` rows with the processor ``make(url)`` builds; every row's
-    text checked; times and CPU (see the module docstring)."""
+def run_once(srv: ServerProcess, make: Callable[[str], Any], actors: int) -> Dict[str, Any]:
+    """Process ``ROWS`` rows with the processor ``make(url)`` builds (``actors``
+    of them); every row's text checked; times and CPU (see the module docstring)."""
     import ray
 
     proc, text_of = make(srv.url)
@@ -274,18 +289,21 @@ def run_once(srv: ServerProcess, make: Callable[[str], Any]) -> Dict[str, Any]:
             c0 = ray_cpu(exclude)
             t0 = time.monotonic()
             first: Optional[Tuple[float, Dict[int, Tuple[float, bool]]]] = None
-            # The first burst: the blocks that come out together with the first one (a
-            # batch's rows may come as several blocks). Its work was done before the
-            # window; the window runs from its end to the last row.
-            burst_rows, burst_end, in_burst, last = 0, 0.0, True, 0.0
+            # The window opens at a block that comes out once every actor has started
+            # (their start-up, 2-3 CPU seconds each, stays out), after the burst of
+            # blocks that comes out with it (a batch's rows may come as several
+            # blocks; their work was done before). It closes at the last row.
+            burst_rows, burst_end, in_burst, last = 0, 0.0, True, 0.0  # rows and time before the window
             seen = 0
             ids = set()
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 now = time.monotonic()
                 rows = block.to_pylist()
                 if first is None:
-                    first = (now, ray_cpu(exclude))
-                if in_burst and (seen == 0 or now - last < BURST_GAP_S):
+                    if map_workers(exclude) >= actors:  # the window opens after this block
+                        first = (now, ray_cpu(exclude))
+                        burst_rows, burst_end = seen + len(rows), now
+                elif in_burst and now - last < BURST_GAP_S:
                     burst_rows += len(rows)
                     burst_end = now
                 else:
@@ -301,7 +319,7 @@ def run_once(srv: ServerProcess, make: Callable[[str], Any]) -> Dict[str, Any]:
             t1 = time.monotonic()
             c1 = ray_cpu(exclude)
             assert seen == ROWS and ids == set(range(ROWS)), f"{seen} rows out of {ROWS}"
-            assert first is not None
+            assert first is not None, "the actors never all started before the last row"
             box.update(t0=t0, t1=t1, c0=c0, c1=c1, first=first, burst_rows=burst_rows, burst_end=burst_end)
         except BaseException as e:  # handed to the test thread
             box["error"] = e
@@ -329,10 +347,10 @@ def run_once(srv: ServerProcess, make: Callable[[str], Any]) -> Dict[str, Any]:
     }
 
 
-def _bench(benchmark: Any, srv: ServerProcess, client: str, make: Callable[[str], Any], note: str) -> None:
+def _bench(benchmark: Any, srv: ServerProcess, client: str, make: Callable[[str], Any], note: str, actors: int) -> None:
     results: List[Dict[str, Any]] = []
     benchmark.group = "ray data stage"
-    benchmark.pedantic(lambda: results.append(run_once(srv, make)), rounds=1, iterations=1, warmup_rounds=0)
+    benchmark.pedantic(lambda: results.append(run_once(srv, make, actors)), rounds=1, iterations=1, warmup_rounds=0)
     r = results[0]
     ideal = IN_FLIGHT / ((TOKENS + 1) * GAP_MS / 1000.0)
     benchmark.extra_info.update(
@@ -347,12 +365,12 @@ def _bench(benchmark: Any, srv: ServerProcess, client: str, make: Callable[[str]
 
 def test_ray_stage_llama_broker(benchmark: Any, ray_srv: ServerProcess) -> None:
     _bench(benchmark, ray_srv, "llama_broker.ray", lb_processor,
-           f"1 actor × {IN_FLIGHT} streams, batches of {LB_BATCH}; streamed, max_delay_ms 50")
+           f"1 actor × {IN_FLIGHT} streams, batches of {LB_BATCH}; streamed, max_delay_ms 50", 1)
 
 
 def test_ray_stage_llama_broker_whole(benchmark: Any, ray_srv: ServerProcess) -> None:
     _bench(benchmark, ray_srv, "llama_broker.ray stream=False", lambda url: lb_processor(url, stream=False),
-           f"1 actor × {IN_FLIGHT} requests, batches of {LB_BATCH}; non-streamed, as Ray's")
+           f"1 actor × {IN_FLIGHT} requests, batches of {LB_BATCH}; non-streamed, as Ray's", 1)
 
 
 def test_ray_stage_ray_http(benchmark: Any, ray_srv: ServerProcess) -> None:
@@ -360,7 +378,9 @@ def test_ray_stage_ray_http(benchmark: Any, ray_srv: ServerProcess) -> None:
     actors = RAY_ACTORS
     if why is None:
         _bench(benchmark, ray_srv, "ray.data.llm HTTP", ray_http_processor,
-               f"HttpRequestProcessorConfig: {actors} actors × {RAY_BATCHES_PER_ACTOR} batches of {RAY_BATCH}; non-streamed")
+               f"HttpRequestProcessorConfig: {actors} actors × {RAY_BATCHES_PER_ACTOR} batches of {RAY_BATCH}; non-streamed",
+               actors)
     else:
         _bench(benchmark, ray_srv, "aiohttp UDF (Ray's shape)", aiohttp_processor,
-               f"ray.data.llm unavailable ({why[:60]}); 2 actors × {RAY_BATCHES_PER_ACTOR} batches, gather; non-streamed")
+               f"ray.data.llm unavailable ({why[:60]}); 2 actors × {RAY_BATCHES_PER_ACTOR} batches, gather; non-streamed",
+               2)
