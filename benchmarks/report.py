@@ -364,7 +364,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print()
     if rays:
         print(f"Ray Data stage ({rays[0]['tokens_per_row']} tokens a row, one every {rays[0]['gap_ms']} ms; rows/s and "
-              "CPU from the first block out to the last; all: every process of the Ray instance; "
+              "CPU once every actor has started, to the last row; all: every process of the Ray instance; "
               "× CPU/row: over llama_broker.ray's):")
         print()
         print(ray_table(rays))

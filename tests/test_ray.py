@@ -428,7 +428,7 @@ def test_real_llama_server_chat(llama_server: LocalServer) -> None:
     questions = ["What is 2 + 2?", "Name a colour.", "Say hello.", "What is the capital of France?"] * 2
     ds = ray.data.from_items([{"q": q, "n": i} for i, q in enumerate(questions)])
     proc = _procs(
-        endpoints=[llama_server.url], batch_size=8, streams_per_actor=4, temperature=0,
+        endpoints=[llama_server.endpoint], batch_size=8, streams_per_actor=4, temperature=0,
         preprocess=lambda r: {"messages": [{"role": "user", "content": r["q"]}], "max_tokens": 8},
     )
     rows = _take_all(proc(ds))
@@ -454,11 +454,11 @@ def test_real_llama_server_embeddings(embedding_server: LocalServer) -> None:
 
     texts = ["The quick brown fox", "café 日本語", "a", "embeddings are vectors", "jumps over the lazy dog"]
     proc = _procs(
-        endpoints=[embedding_server.url], kind="embeddings", batch_size=5, inputs_per_request=2,
+        endpoints=[embedding_server.endpoint], kind="embeddings", batch_size=5, inputs_per_request=2,
         preprocess=lambda r: {"input": r["text"], "cache_prompt": False},
     )
     rows = _take_all(proc(ray.data.from_items([{"text": t} for t in texts])))
-    want = llama_broker.embed(llama_broker.ModelConfig(embedding_server.url), texts, batch_size=1, cache_prompt=False)
+    want = llama_broker.embed(llama_broker.ModelConfig(embedding_server.endpoint), texts, batch_size=1, cache_prompt=False)
     assert [r["text"] for r in rows] == texts
     for r, w in zip(rows, want):
         assert r["error"] is None
