@@ -19,7 +19,8 @@ processes the same ``ROWS``-row Dataset with ``IN_FLIGHT`` requests in flight:
     Where ``ray.data.llm`` cannot be imported (it wants more than
     ``ray[data]``), ``aiohttp UDF (Ray's shape)`` stands in: the same
     ``map_batches`` actor stage written plainly, one aiohttp request per row,
-    ``asyncio.gather`` under a semaphore (2 actors, the same requests in flight).
+    ``asyncio.gather`` under a semaphore (2 actors, the same requests in flight;
+    ``LB_BENCH_RAY_BASELINE=aiohttp`` picks it where ``ray.data.llm`` imports).
 
 Measured: wall time; rows/s over a window that opens at the first block out
 once every actor has started (Ray's start-up, 10-50 s here, and the actors'
@@ -243,6 +244,8 @@ def aiohttp_processor(url: str) -> Tuple[Any, Callable[[Dict[str, Any]], Optiona
 
 
 def _ray_llm_available() -> Optional[str]:
+    if os.environ.get("LB_BENCH_RAY_BASELINE") == "aiohttp":
+        return "LB_BENCH_RAY_BASELINE=aiohttp"
     try:
         import ray.data.llm  # noqa: F401
     except Exception as e:  # noqa: BLE001 - any failure: the plain UDF stands in
