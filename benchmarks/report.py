@@ -19,8 +19,10 @@ figures to mean anything), "server late" (how late the server's pacer sent
 each token on average: scheduling delay on a busy machine, or a server that
 cannot keep up — late tokens arrive bunched, and a client reads several per
 wake-up) and a note. Then the targets the project aims at,
-with where this run stands (reported, not checked), and the real
-llama-server table if ``test_real.py`` ran.
+with where this run stands (reported, not checked), the real
+llama-server table if ``test_real.py`` ran, and the Ray Data stage table if
+``test_ray.py`` ran (rows/s, CPU ms per row of the whole Ray instance and of
+its workers, and each client's CPU per row over llama_broker.ray's).
 
 Then the bulk table. Columns: client, mode, events, events/s (best round), CPU µs/event (median
 round), "× SDK" (the OpenAI SDK's CPU µs/event in the same mode over this
@@ -157,6 +159,29 @@ def real_table(runs: List[dict]) -> str:
                 f"| {run['streams']} | {name} | {r['tokens']:,} | {r['wall_s']:.2f} | "
                 f"{_fmt_us(r['cpu_us_per_token_median'])} | {_fmt_ratio(r.get('x_sdk'))} | {r.get('note', '')} |"
             )
+    return "\n".join(out)
+
+
+RAY_OURS = "llama_broker.ray"
+
+
+def ray_table(runs: List[dict]) -> str:
+    """The Ray Data stage (``test_ray.py``): rows/s and CPU per row of the whole
+    Ray instance and of its workers, and Ray's CPU per row ÷ llama_broker's."""
+    if not runs:
+        return ""
+    ours = next((r for r in runs if r["client"] == RAY_OURS), None)
+    out = [
+        "| client | rows | in flight | rows/s (ideal) | start-up s | CPU ms/row, all | CPU ms/row, workers | × CPU/row | note |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in sorted(runs, key=lambda r: r["cpu_ms_per_row"]):
+        x = ours["cpu_ms_per_row"] and r["cpu_ms_per_row"] / ours["cpu_ms_per_row"] if ours else None
+        out.append(
+            f"| {r['client']} | {r['rows']:,} | {r['in_flight']} | {r['rows_per_s']:.1f} ({r['ideal_rows_per_s']:.0f}) | "
+            f"{r['startup_s']:.1f} | {r['cpu_ms_per_row']:.2f} | {r['cpu_ms_per_row_workers']:.2f} | "
+            f"{_fmt_ratio(x) if x is not None else '–'} | {r.get('note', '')} |"
+        )
     return "\n".join(out)
 
 
@@ -313,7 +338,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     paired = paired_table(load(args.json, paired=True))
     shapes = load_paced(args.json)
     real = load_paced(args.json, key="real_server")
-    if not rows and not paired and not shapes and not real:
+    rays = load_paced(args.json, key="ray_stage")
+    if not rows and not paired and not shapes and not real and not rays:
         print(f"no llama_broker benchmark entries in {args.json}", file=sys.stderr)
         return 2
     machine = _machine(args.json)
@@ -335,6 +361,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("Real llama-server (bundled model; client CPU per token, median round):")
         print()
         print(real_table(real))
+        print()
+    if rays:
+        print(f"Ray Data stage ({rays[0]['tokens_per_row']} tokens a row, one every {rays[0]['gap_ms']} ms; rows/s and "
+              "CPU once every actor has started, to the last row; all: every process of the Ray instance; "
+              "× CPU/row: over llama_broker.ray's):")
+        print()
+        print(ray_table(rays))
         print()
     if rows:
         print(table(rows, "" if shapes else machine))

@@ -46,7 +46,8 @@ time; ``GET /health`` answers ``{"status":"ok"}``; ``GET /stats`` (``?reset=1``
 to zero the counters) the server process's CPU seconds and the pacer's
 counters: events sent, how late they went out (mean, max, how many over
 1 ms), streams in flight. A body with ``"bench_whole": true`` gets the whole
-``chat.completion`` as JSON instead of a stream; ``POST /v1/embeddings``
+``chat.completion`` as JSON instead of a stream (in ``paced`` mode from 1 ms
+up, sent when its last token would have been: ``n`` gaps after the request); ``POST /v1/embeddings``
 answers a deterministic vector per input (``bench_dim`` floats), base64 when
 asked.
 
@@ -571,6 +572,8 @@ class StreamServer:
             self._send_error(conn, e.status, e.message, keep)
             return keep
         if req.get("bench_whole") is True:  # a whole chat.completion (for a non-streamed create)
+            if gap >= PACER_MIN_GAP_US:  # paced: sent whole when the last token would have been
+                return self._paced_whole(conn, n, gap / 1e6, keep)
             return self._send_json(conn, 200, _whole_chat(n), keep)
         head = resp.head + (b"Connection: keep-alive\r\n\r\n" if keep else b"Connection: close\r\n\r\n")
         if gap >= PACER_MIN_GAP_US:
@@ -607,6 +610,28 @@ class StreamServer:
             return False
         conn.settimeout(IDLE_TIMEOUT_S)
         return st.error is None
+
+    def _paced_whole(self, conn: socket.socket, n: int, gap: float, keep: bool) -> bool:
+        """A non-streamed answer paced like a real server: the whole ``chat.completion``
+        goes out in one write when its ``n`` tokens would have been generated (the pacer
+        sends it, so a thousand waiting answers cost no thread wake-ups)."""
+        data = json.dumps(_whole_chat(n)).encode()
+        whole = (
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: {'keep-alive' if keep else 'close'}\r\n\r\n"
+        ).encode() + data
+        due = time.monotonic() + n * gap
+        st = _PacedStream(conn, [whole], due, due, gap)
+        conn.setblocking(False)
+        try:
+            self._pacer.add(st)
+        except OSError:
+            return False
+        if not st.done.wait(timeout=n * gap + IDLE_TIMEOUT_S):
+            st.cancelled = True
+            return False
+        conn.settimeout(IDLE_TIMEOUT_S)
+        return st.error is None and keep
 
     def _send_json(self, conn: socket.socket, status: int, obj: object, keep: bool = False) -> bool:
         data = json.dumps(obj).encode()

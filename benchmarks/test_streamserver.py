@@ -108,3 +108,20 @@ def test_bad_phase_is_a_400(srv):
         assert "bench_phase" in json.loads(r.read())["error"]["message"]
     finally:
         conn.close()
+
+
+def test_paced_whole_answer_comes_when_its_last_token_would(srv):
+    # a non-streamed request to a paced stream: one JSON answer, n gaps after the request
+    n = 25
+    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=30)
+    try:
+        for _ in range(2):  # keep-alive holds
+            t0 = time.monotonic()
+            r = _post(conn, {"bench_mode": "paced", "bench_events": n, "bench_gap_us": GAP_US, "bench_whole": True})
+            body = json.loads(r.read())
+            took = time.monotonic() - t0
+            assert r.status == 200
+            assert body["choices"][0]["message"]["content"] == render(n).content
+            assert took >= n * GAP_US / 1e6 * 0.95
+    finally:
+        conn.close()

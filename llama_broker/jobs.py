@@ -62,11 +62,15 @@ _REST_STATUSES = {429, 502, 503, 504}
 
 class Job:
     """One request: ``key`` is the caller's handle for it (a custom_id, an
-    index), ``path`` one of :data:`KINDS`, ``body`` its JSON body (a dict)."""
+    index), ``path`` one of :data:`KINDS`, ``body`` its JSON body (a dict).
+    ``stream=False`` sends a chat or text completion non-streamed (``stream:
+    false``; the result is the server's own whole object): one wake-up per
+    request instead of one per batch of tokens, for callers that need
+    nothing before the end."""
 
-    __slots__ = ("key", "path", "body", "kind", "attempts", "t0", "avoid")
+    __slots__ = ("key", "path", "body", "kind", "attempts", "t0", "avoid", "stream")
 
-    def __init__(self, key: Any, path: str, body: Dict[str, Any]) -> None:
+    def __init__(self, key: Any, path: str, body: Dict[str, Any], *, stream: bool = True) -> None:
         kind = KINDS.get(path)
         if kind is None:
             raise ConfigError(f"unsupported path {path!r} (supported: {', '.join(KINDS)})")
@@ -78,6 +82,8 @@ class Job:
         self.t0: Optional[float] = None
         #: the endpoint this job last failed on (not chosen again while another can take it)
         self.avoid: Any = None
+        #: a chat/text completion is streamed underneath (False: one plain JSON answer)
+        self.stream = bool(stream)
 
 
 @dataclasses.dataclass
@@ -267,10 +273,17 @@ class JobRunner:
         cfg = ep.cfg
         make_decoder: Callable[[float], Any]
         holder: List[Any] = [None]
+        whole = kind == "json" or not job.stream
         try:
-            if kind == "json":
+            if whole:
                 cfg = ep.json_cfg
-                data = encode_body(job.body)
+                if kind == "json":
+                    data = encode_body(job.body)
+                else:  # a completion asked for whole
+                    body = dict(job.body)
+                    body.pop("stream_options", None)
+                    body["stream"] = False
+                    data = encode_body(body)
 
                 def make_decoder(t0: float) -> Any:
                     holder[0] = JSONBody(require_object=True)
@@ -298,7 +311,7 @@ class JobRunner:
             retry=False,
             url=cfg.base_url + job.path,
             tag=(job, ep, holder),
-            streaming=kind != "json",
+            streaming=not whole,
             max_delay_ms=self.max_delay_ms,
         )
         job.attempts += 1
@@ -323,7 +336,7 @@ class JobRunner:
             res = t.result if t.result is not None else StreamResult()
             acc = holder[0]
             try:
-                body = acc.value if job.kind == "json" else acc.reply(res).to_openai()
+                body = acc.value if (job.kind == "json" or not job.stream) else acc.reply(res).to_openai()
             except BrokerError as e:  # pragma: no cover - decoders raise before this
                 err = e
             else:

@@ -3,7 +3,7 @@
 #
 # Runs the test suite against the package as a user installs it: the wheel in
 # DIST (built by `make dist` from the sdist) goes into a clean virtual
-# environment VENV (recreated) with its [server,test] extras; the tests come
+# environment VENV (recreated) with its [server,test,ray] extras; the tests come
 # from the sdist in DIST, unpacked into a temporary directory with its
 # llama_broker/ sources removed, so nothing can import the checkout.
 # conftest.py checks that again (LLAMA_BROKER_TEST_INSTALLED=1).
@@ -23,8 +23,10 @@ fi
 echo "== clean virtual environment $venv"
 "$py" -m venv --clear "$venv"
 vpy="$(cd "$venv" && pwd)/bin/python"
-echo "== install ${wheels[0]##*/} [server,test] into it"
-bash "$here/pip_install.sh" "$vpy" -q "${wheels[0]}[server,test]"
+echo "== install ${wheels[0]##*/} [server,test,ray] into it"
+bash "$here/pip_install.sh" "$vpy" -q "${wheels[0]}[server,test,ray]"
+# the [ray] extra must give a working Ray Data in this venv (tests/test_ray.py runs on it)
+"$vpy" -c 'import ray, ray.data, pyarrow; print("== ray", ray.__version__, "pyarrow", pyarrow.__version__)'
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/llama_broker-tests.XXXXXX")"
 trap 'rm -rf "$work"' EXIT

@@ -28,6 +28,9 @@ NOT_AT_IMPORT = (
     "llama_broker.embeddings",
     "llama_broker.jobs",
     "llama_broker.batch",
+    "llama_broker.ray",
+    "ray",
+    "pyarrow",
 )
 
 
@@ -95,3 +98,12 @@ def test_the_asyncio_calls_still_work_after_a_cheap_import():
         "asyncio.run(go())\n"
     )
     assert "asyncio" in _imported(code)
+
+
+def test_import_llama_broker_ray_does_not_load_ray_or_pyarrow():
+    # the module is pickled by reference into every actor: importing it stays cheap,
+    # and Ray and pyarrow load only when a processor is built or a batch runs
+    mods = _imported("import llama_broker.ray as r; assert callable(r.build_processor)")
+    assert "llama_broker.ray" in mods and "llama_broker.jobs" in mods
+    loaded = sorted(m for m in mods if m.split(".")[0] in ("ray", "pyarrow"))
+    assert not loaded, f"`import llama_broker.ray` imported {loaded[:10]}"
