@@ -57,9 +57,28 @@ SDK_MAX_RETRY_AFTER_S = 120.0
 
 Messages = Sequence[Mapping[str, Any]]
 
+_MISSING: Any = object()
+
 
 def validate_messages(messages: Any) -> None:
     """Raise :class:`ConfigError` naming the first bad item of ``messages``."""
+    if messages.__class__ is list and messages:
+        # The usual request, checked without the ABC isinstance() calls (a
+        # list is a Sequence, a dict a Mapping): the same rules as below.
+        for m in messages:
+            if m.__class__ is not dict:
+                break
+            role = m.get("role")
+            content = m.get("content", _MISSING)
+            if (
+                role.__class__ is not str
+                or not role
+                or (content is _MISSING and not m.get("tool_calls"))
+                or (content is not None and content is not _MISSING and content.__class__ not in (str, list))
+            ):
+                break
+        else:
+            return
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ConfigError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
     if not messages:
