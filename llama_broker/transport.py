@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-from functools import lru_cache
 from typing import Any, List, Optional, Tuple
 from urllib.parse import urldefrag, urljoin, urlsplit, urlunsplit
 
@@ -108,7 +107,6 @@ def translate_curl_error(
 _safe_url = mask_url  # (one masking helper: config.mask_url)
 
 
-@lru_cache(maxsize=256)  # (two per request, nearly always the same few URLs)
 def _origin(url: str) -> Tuple[str, str, Optional[int]]:
     """(scheme, host, port) of an http(s) URL, the default port filled in."""
     parts = urlsplit(url)
@@ -163,7 +161,8 @@ class Call:
         self.redirects = redirects
         # Credentials (the key, secret headers, user:pass@) belong to the
         # configured server: a redirect to another scheme, host or port gets none.
-        self.same_origin = _origin(self.url) == _origin(cfg.endpoint)
+        # (cfg.url is the endpoint's own origin by construction)
+        self.same_origin = url is None or _origin(self.url) == _origin(cfg.endpoint)
         if self.same_origin and redirects:
             self.url = _with_userinfo(self.url, cfg.endpoint)
         self._key: Optional[str] = None
