@@ -20,9 +20,12 @@ each token on average: scheduling delay on a busy machine, or a server that
 cannot keep up — late tokens arrive bunched, and a client reads several per
 wake-up) and a note. Then the targets the project aims at,
 with where this run stands (reported, not checked), the real
-llama-server table if ``test_real.py`` ran, and the Ray Data stage table if
-``test_ray.py`` ran (rows/s, CPU ms per row of the whole Ray instance and of
-its workers, and each client's CPU per row over llama_broker.ray's).
+llama-server table if ``test_real.py`` ran, the import-time table if
+``test_import.py`` ran (best and median wall ms of ``import llama_broker``,
+``pycurl`` alone and the SDK, each in a fresh interpreter; the 40 ms target),
+and the Ray Data stage table if ``test_ray.py`` ran (rows/s, CPU ms per row
+of the whole Ray instance and of its workers, and each client's CPU per row
+over llama_broker.ray's).
 
 Then the bulk table. Columns: client, mode, events, events/s (best round), CPU µs/event (median
 round), "× SDK" (the OpenAI SDK's CPU µs/event in the same mode over this
@@ -206,6 +209,45 @@ def check_paced(shapes: List[dict], gap_ms: int, margin: float) -> Tuple[int, st
     return 0, "check-paced ok: " + what
 
 
+#: the import-time target: ``import llama_broker`` (best of the samples)
+IMPORT_TARGET_MS = 40.0
+
+
+def load_import(path: str) -> Dict[str, dict]:
+    """The import-time samples (``test_import.py``): module -> best_ms, median_ms, runs."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info") or {}
+        if info.get("import_time"):
+            return dict(info.get("modules") or {})
+    return {}
+
+
+def import_table(mods: Dict[str, dict]) -> str:
+    """One row per module: best and median wall ms of ``import <module>`` in a fresh interpreter."""
+    if not mods:
+        return ""
+    floor = mods.get("pycurl", {}).get("best_ms")
+    out = [
+        "| import | best ms | median ms | × pycurl | runs | note |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    notes = {"llama_broker": f"target ≤ {IMPORT_TARGET_MS:g} ms", "pycurl": "the transport alone (the floor)",
+             "openai": "the OpenAI SDK"}
+    for name, r in sorted(mods.items(), key=lambda kv: kv[1]["best_ms"]):
+        x = r["best_ms"] / floor if floor else None
+        out.append(f"| {name} | {r['best_ms']:.1f} | {r['median_ms']:.1f} | {_fmt_ratio(x)} | {r['runs']} | "
+                   f"{notes.get(name, '')} |")
+    lb = mods.get("llama_broker")
+    if lb:
+        ok = lb["best_ms"] <= IMPORT_TARGET_MS
+        out.append("")
+        out.append(f"- `import llama_broker` ≤ {IMPORT_TARGET_MS:g} ms: best {lb['best_ms']:.1f} ms "
+                   f"({'met' if ok else 'not yet'})")
+    return "\n".join(out)
+
+
 def load(path: str, paired: bool = False) -> List[dict]:
     """The per-client rows (or, with ``paired``, the interleaved comparisons)."""
     with open(path, encoding="utf-8") as f:
@@ -339,7 +381,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     shapes = load_paced(args.json)
     real = load_paced(args.json, key="real_server")
     rays = load_paced(args.json, key="ray_stage")
-    if not rows and not paired and not shapes and not real and not rays:
+    imports = load_import(args.json)
+    if not rows and not paired and not shapes and not real and not rays and not imports:
         print(f"no llama_broker benchmark entries in {args.json}", file=sys.stderr)
         return 2
     machine = _machine(args.json)
@@ -368,6 +411,10 @@ def main(argv: Optional[List[str]] = None) -> int:
               "× CPU/row: over llama_broker.ray's):")
         print()
         print(ray_table(rays))
+    if imports:
+        print("Import time (a fresh interpreter per sample, bytecode cached; wall ms of the import alone):")
+        print()
+        print(import_table(imports))
         print()
     if rows:
         print(table(rows, "" if shapes else machine))

@@ -5,9 +5,7 @@ splitter that returns all complete events at once; a small decoder turns
 them into deltas. See ``chat_stream``, ``chat`` and ``stream``.
 """
 
-import logging as _logging
-
-from .broker import AsyncDeltaStream, Broker, DeltaStream, MapResult, achat, astream, chat, chat_stream, stream
+from .broker import AsyncDeltaStream, Broker, DeltaStream, achat, astream, chat, chat_stream, stream
 from .config import ModelConfig
 from .decoder import Delta, StreamResult
 from .errors import (
@@ -24,12 +22,11 @@ from .sse import Event, EventSplitter
 
 __version__ = "0.1.0"
 
-# A library logs, the application decides where it goes (retries are WARNING).
-_logging.getLogger("llama_broker").addHandler(_logging.NullHandler())
-
 # Imported on first use (``import llama_broker`` stays cheap: no asyncio, no
-# native/OpenAI layers until they are asked for).
+# native/OpenAI layers, no fan-out until they are asked for; logging, orjson
+# and email wait for the first log line, payload and Retry-After date).
 _LAZY = {
+    "MapResult": "fanout",
     "ChatReply": "native",
     "ToolCall": "native",
     "chat_completion": "native",

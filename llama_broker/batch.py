@@ -52,6 +52,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no lock against a second run
     fcntl = None  # type: ignore[assignment]
 
+from ._log import log
 from .broker import Broker
 from .config import ModelConfig, endpoint_configs
 from .engine import DEFAULT_MAX_DELAY_MS
@@ -70,7 +71,6 @@ __all__ = [
     "validate_request",
 ]
 
-log = logging.getLogger("llama_broker")
 
 #: the body field each url needs
 _REQUIRED = {

@@ -17,7 +17,6 @@ streams interleave on one thread without threads.
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 import weakref
@@ -30,7 +29,6 @@ from .config import ModelConfig
 from .decoder import Delta, JSONBody, StreamDecoder, StreamResult
 from .errors import BrokerError, ConfigError
 from .engine import DEFAULT_MAX_DELAY_MS, AsyncEngine, DecoderFactory, SyncEngine, Transfer
-from .fanout import Fanout, MapResult
 from .policy import Messages, validate_messages
 from .policy import encode_chat_body as _encode_body
 from .policy import retry_delay as _retry_delay
@@ -39,11 +37,12 @@ from .transport import Call
 if TYPE_CHECKING:  # imported where an asyncio call needs it: `import llama_broker` stays cheap
     import asyncio
 
+    from .fanout import MapResult  # (map/amap import the fan-out on first use)
+
 __all__ = [
     "AsyncDeltaStream",
     "Broker",
     "DeltaStream",
-    "MapResult",
     "achat",
     "astream",
     "chat",
@@ -52,7 +51,6 @@ __all__ = [
     "validate_messages",
 ]
 
-log = logging.getLogger("llama_broker")
 
 class Broker:
     """A long-lived client: pooled easy handles, keep-alive, a default config.
@@ -319,6 +317,8 @@ class Broker:
         wake-up is handled at once). A pulled :meth:`stream` running on the
         same Broker at the same time suspends it (the smallest budget wins).
         """
+        from .fanout import Fanout
+
         fan = Fanout(
             requests,
             concurrency=concurrency,
@@ -436,6 +436,8 @@ class Broker:
     ) -> AsyncIterator[MapResult]:
         """Async twin of :meth:`map` (``async for r in broker.amap(...)``), with
         the same latency budget ``max_delay_ms``."""
+        from .fanout import Fanout
+
         fan = Fanout(
             requests,
             concurrency=concurrency,

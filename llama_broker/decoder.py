@@ -11,13 +11,13 @@ timings, errors, garbage) goes through :meth:`StreamDecoder._general`.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol
 
+from ._log import log
 from ._sse import ffi, lib
 from .errors import APIError, ProtocolError
 from .sse import DEFAULT_MAX_EVENT_BYTES, EventSplitter
@@ -63,15 +63,41 @@ def _json_strict_loads(payload: Any) -> Any:
     return obj
 
 
-_loads: Callable[[Any], Any]
-try:  # optional: ~3x faster than json on the few chunks the C fast path leaves to Python
-    from orjson import loads as _loads
-except ImportError:  # pragma: no cover - exercised when orjson is absent
-    _loads = _json_strict_loads
+_REAL_LOADS: Optional[Callable[[Any], Any]] = None
 
-#: the JSON decoder of every layer: orjson when installed, else ``json``
-#: refusing what orjson refuses, so that both installs take the same paths
-json_loads = _loads
+
+def _real_loads() -> Callable[[Any], Any]:
+    """The JSON decoder of every layer: orjson when installed (~3x faster than
+    json on the few chunks the C fast path leaves to Python), else ``json``
+    refusing what orjson refuses, so that both installs take the same paths.
+    Imported on first use: orjson brings uuid, zoneinfo and platform along
+    (~5-10 ms), which ``import llama_broker`` does not pay."""
+    global _REAL_LOADS, _loads
+    if _REAL_LOADS is None:
+        try:
+            from orjson import loads as real
+        except ImportError:  # pragma: no cover - exercised when orjson is absent
+            real = _json_strict_loads
+        _REAL_LOADS = real
+        if _loads is _first_loads:
+            _loads = real
+    return _REAL_LOADS
+
+
+def _first_loads(payload: Any) -> Any:
+    """``_loads`` until the first payload: it puts the real decoder in its place."""
+    return _real_loads()(payload)
+
+
+_loads: Callable[[Any], Any] = _first_loads
+
+
+def __getattr__(name: str) -> Any:
+    # ``json_loads`` (``from .decoder import json_loads``: the layers above)
+    # is the real decoder, imported when first asked for.
+    if name == "json_loads":
+        return _real_loads()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _lenient_loads(payload: bytes) -> Any:
@@ -189,7 +215,6 @@ def _raw_texts(obj: Dict[str, Any]) -> Dict[Any, str]:
     return out
 
 
-log = logging.getLogger("llama_broker")
 
 _N = 6  # LB_SSE_FIELDS
 _feed_fast = lib.lb_sse_feed_fast
@@ -692,7 +717,7 @@ class JSONBody:
         if body.strip() or self.require_object:
             try:
                 try:
-                    self.value = json_loads(body)
+                    self.value = _loads(body)
                 except ValueError:
                     self.value = json.loads(body)
             except ValueError as e:

@@ -39,6 +39,16 @@ __all__ = ["Transfer", "Engine", "SyncEngine", "AsyncEngine", "DEFAULT_MAX_DELAY
 
 DecoderFactory = Callable[[float], Decoder]
 
+# Looked up once: the per-token paths below use them on every wake-up.
+_monotonic = time.monotonic
+_get_ident = threading.get_ident
+_CALL_MULTI_PERFORM = pycurl.E_CALL_MULTI_PERFORM
+_CSELECT_IN, _CSELECT_OUT, _CSELECT_ERR = pycurl.CSELECT_IN, pycurl.CSELECT_OUT, pycurl.CSELECT_ERR
+_POLL_READ = select.POLLIN | select.POLLPRI | select.POLLHUP if hasattr(select, "poll") else 0
+_POLL_WRITE = select.POLLOUT if hasattr(select, "poll") else 0
+_POLL_ERR = select.POLLERR if hasattr(select, "poll") else 0
+_POLL_NVAL = select.POLLNVAL if hasattr(select, "poll") else 0
+
 #: The latency budget ``Broker.map``/``amap`` (and ``Fanout``) use by default, in ms.
 DEFAULT_MAX_DELAY_MS = 10.0
 #: The largest budget accepted (it delays bytes, so it must stay far below any timeout).
@@ -188,21 +198,26 @@ class Engine:
         :meth:`_stopped`; returns curl's running count (-1: no call was made)."""
         m = self.multi
         running = -1
+        can_stop = self._can_stop
         self._in_curl = True
         try:
             for fd, events in ready:
                 while True:
                     ret, running = m.socket_action(fd, events)
-                    if ret != pycurl.E_CALL_MULTI_PERFORM:
+                    if ret != _CALL_MULTI_PERFORM:
                         break
-                if self._stopped():
+                if can_stop and self._stopped():
                     break
         finally:
             self._in_curl = False
         return running
 
+    #: whether :meth:`_stopped` can ever be true (saves a call per socket when not)
+    _can_stop = False
+
     def _stopped(self) -> bool:
-        """Whether a callback closed the engine mid-pass (engines that can say so override)."""
+        """Whether a callback closed the engine mid-pass (engines that can say so
+        override it, and set ``_can_stop``)."""
         return False
 
     def _budget(self, delay: float, n: int) -> None:
@@ -413,6 +428,7 @@ class SyncEngine(Engine):
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self._wake_fd = self._wake_r.fileno()
         self._wake_poll = select.poll() if self._poll is not None else None  # the wake-up alone: a budget's wait
         if self._poll is not None and self._wake_poll is not None:
             self._poll.register(self._wake_r.fileno(), select.POLLIN)
@@ -456,7 +472,7 @@ class SyncEngine(Engine):
                 self._depth += 1
                 return True
             if ready is not None:
-                deadline = time.monotonic() + max_wait
+                deadline = _monotonic() + max_wait if self._owner is not None or self._wanted else 0.0
                 while self._owner is not None or self._wanted:
                     if ready():
                         return False
@@ -623,20 +639,38 @@ class SyncEngine(Engine):
         """One turn: run curl, finish what is done, start due retries, and wait
         (at most ``max_wait`` s) for sockets unless ``ready()`` is already true.
         If another thread is driving, wait (as long) for its turn to end instead."""
-        if not self._enter(ready, max_wait):
+        # The common case of _enter and _leave inline (a pulled stream calls
+        # this once per token): nobody else holds or wants the turn.
+        lock = self._lock
+        with lock:
+            took = self._owner is None and not self._wanted
+            if took:
+                self._owner = _get_ident()
+                self._depth = 1
+        if not took and not self._enter(ready, max_wait):
             return
         try:
             if not self.closed:
                 self._turn(ready, max_wait)
         finally:
-            self._leave()
+            with lock:
+                done = self._depth == 1 and not self._dropped
+                if done:
+                    self._owner = None
+                    self._depth = 0
+                    if self._sleepers:
+                        self._cv.notify_all()
+            if not done:
+                self._leave()
 
     def _turn(self, ready: Callable[[], bool], max_wait: float) -> None:
-        now = time.monotonic()
-        if self._timer_at is not None and self._timer_at <= now:
+        # (runs once per token of a pulled stream: locals, no builtin min())
+        now = _monotonic()
+        timer_at = self._timer_at
+        if timer_at is not None and timer_at <= now:
             self._timer_at = None
             self._act(pycurl.SOCKET_TIMEOUT, 0)
-            now = time.monotonic()
+            now = _monotonic()
         if now >= self._next_watch:
             self._next_watch = now + self.WATCH_S
             self.check_idle(now)
@@ -653,12 +687,14 @@ class SyncEngine(Engine):
                         t._finish(e)
         if ready() or self._wanted:
             return
-        wait = max_wait
-        if self._timer_at is not None:
-            wait = min(wait, self._timer_at - now)
+        wait = self._next_watch - now
+        if max_wait < wait:
+            wait = max_wait
+        timer_at = self._timer_at
+        if timer_at is not None and timer_at - now < wait:
+            wait = timer_at - now
         if self._retries:
             wait = min(wait, min(r[0] for r in self._retries) - now)
-        wait = min(wait, self._next_watch - now)
         if wait <= 0:
             return
         delay = self.delay
@@ -671,8 +707,8 @@ class SyncEngine(Engine):
                 return
         ready_socks = self._wait(wait)
         if ready_socks:
-            t = time.monotonic()
             if delay > 0:
+                t = _monotonic()
                 if not self._busy:
                     if t < self._last_pass + delay:
                         # Data within the budget: tokens come faster than it, so
@@ -684,9 +720,11 @@ class SyncEngine(Engine):
                     # had to wait for means a sparse stream, read at once from
                     # now on, so the budget never costs it a wake-up of its own.
                     self._busy = t - now < delay / 2
-            self._last_pass = t
+                self._last_pass = t  # (only the budget reads it)
             self.passes += 1
-            self._act_many(ready_socks)
+            running = self._socket_actions(ready_socks)
+            if running != len(self.active):  # (equal: curl finished none of them, nothing to collect)
+                self.collect()
 
     def _hold(self, wait: float) -> None:
         """Sleep ``wait`` s unless woken (the sockets are not watched meanwhile)."""
@@ -701,24 +739,26 @@ class SyncEngine(Engine):
     def _wait(self, wait: float) -> List[Tuple[int, int]]:
         """Wait up to ``wait`` s for curl's sockets (or a wake-up); the ready
         ones as (fd, CSELECT_* bits)."""
-        wake = self._wake_r.fileno()
+        wake = self._wake_fd
         out: List[Tuple[int, int]] = []
-        if self._poll is not None:
-            for fd, rev in self._poll.poll(max(1, int(wait * 1000 + 0.999))):
+        poll = self._poll
+        if poll is not None:
+            ms = int(wait * 1000 + 0.999)
+            for fd, rev in poll.poll(ms if ms > 1 else 1):
                 if fd == wake:
                     self._drain_wake()
                     continue
-                if rev & select.POLLNVAL:  # closed behind our back: stop watching it
-                    self._poll.unregister(fd)
+                if rev & _POLL_NVAL:  # closed behind our back: stop watching it
+                    poll.unregister(fd)
                     self._socks.pop(fd, None)
                     continue
                 ev = 0
-                if rev & (select.POLLIN | select.POLLPRI | select.POLLHUP):
-                    ev |= pycurl.CSELECT_IN
-                if rev & select.POLLOUT:
-                    ev |= pycurl.CSELECT_OUT
-                if rev & select.POLLERR:
-                    ev |= pycurl.CSELECT_ERR
+                if rev & _POLL_READ:
+                    ev = _CSELECT_IN
+                if rev & _POLL_WRITE:
+                    ev |= _CSELECT_OUT
+                if rev & _POLL_ERR:
+                    ev |= _CSELECT_ERR
                 out.append((fd, ev))
             return out
         # no poll() (Windows): select() there has no limit on descriptor numbers
@@ -940,6 +980,8 @@ class AsyncEngine(Engine):
             return
         if running != len(self.active):  # (equal: curl finished none of them, nothing to collect)
             self.collect()
+
+    _can_stop = True
 
     def _stopped(self) -> bool:
         return self.closed is not None

@@ -28,13 +28,13 @@ Resting and retrying follow the blocking path's policy (``policy.py``), so
 from __future__ import annotations
 
 import dataclasses
-import logging
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Deque, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Union
 
+from ._log import log
 from .config import ModelConfig, endpoint_configs, mask_url
 from .decoder import StreamDecoder, StreamResult
 from .engine import DEFAULT_MAX_DELAY_MS, AsyncEngine, Engine, SyncEngine, Transfer, check_max_delay
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 __all__ = ["MapResult", "Fanout"]
 
-log = logging.getLogger("llama_broker")
 
 _RESULT_FIELDS = [f.name for f in dataclasses.fields(StreamResult)]
 

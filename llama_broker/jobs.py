@@ -25,12 +25,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import logging
 import time
 import uuid
 from collections import deque
 from typing import Any, AsyncGenerator, Callable, Deque, Dict, Generator, Iterable, List, Optional, Sequence, Set
 
+from ._log import log
 from .config import ModelConfig, mask_url
 from .decoder import JSONBody, StreamResult
 from .engine import DEFAULT_MAX_DELAY_MS, AsyncEngine, Engine, SyncEngine, Transfer, check_max_delay
@@ -42,7 +42,6 @@ from .policy import backoff_s, encode_body, retry_after_s
 
 __all__ = ["Job", "JobResult", "JobRunner", "KINDS", "error_code"]
 
-log = logging.getLogger("llama_broker")
 
 #: path -> kind: "chat" and "text" are streamed and assembled, "json" is a plain JSON request
 KINDS: Dict[str, str] = {

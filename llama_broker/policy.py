@@ -20,14 +20,12 @@ Two retry rules live here:
 
 from __future__ import annotations
 
-import email.utils
 import json
-import logging
 import math
-import random
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from ._log import log
 from .config import ModelConfig
 from .errors import APIError, ConfigError, ConnectError, TimeoutError_, TLSVerifyError, TransportError
 from .transport import RESET_CODES
@@ -56,13 +54,31 @@ SDK_INITIAL_RETRY_DELAY_S = 0.5
 SDK_MAX_RETRY_DELAY_S = 8.0
 SDK_MAX_RETRY_AFTER_S = 120.0
 
-log = logging.getLogger("llama_broker")
 
 Messages = Sequence[Mapping[str, Any]]
+
+_MISSING: Any = object()
 
 
 def validate_messages(messages: Any) -> None:
     """Raise :class:`ConfigError` naming the first bad item of ``messages``."""
+    if messages.__class__ is list and messages:
+        # The usual request, checked without the ABC isinstance() calls (a
+        # list is a Sequence, a dict a Mapping): the same rules as below.
+        for m in messages:
+            if m.__class__ is not dict:
+                break
+            role = m.get("role")
+            content = m.get("content", _MISSING)
+            if (
+                role.__class__ is not str
+                or not role
+                or (content is _MISSING and not m.get("tool_calls"))
+                or (content is not None and content is not _MISSING and content.__class__ not in (str, list))
+            ):
+                break
+        else:
+            return
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ConfigError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
     if not messages:
@@ -123,6 +139,8 @@ def backoff_s(cfg: ModelConfig, attempt: int) -> float:
     retry) with ±50 % jitter, capped at :data:`MAX_BACKOFF_S` (or at
     ``retry_backoff_ms`` when that is larger); at the cap the jitter stays
     below it, so that clients that failed together do not come back together."""
+    import random  # (here, as every import only a failure needs: `import llama_broker` stays cheap)
+
     base = cfg.retry_backoff_ms / 1000.0
     cap = max(MAX_BACKOFF_S, base)
     delay = base * (2.0 ** min(max(attempt, 1) - 1, 60)) * random.uniform(0.5, 1.5)
@@ -153,6 +171,8 @@ def retry_after_s(err: BaseException) -> Optional[float]:
     value = headers.get("retry-after")
     if not value:
         return None
+    import email.utils  # (here: an HTTP date is rare, and email costs ~10 ms to import)
+
     try:
         parsed = email.utils.parsedate_tz(value)
         if parsed is None:
@@ -216,6 +236,8 @@ def sdk_retry_delay(err: BaseException, retries_taken: int, max_retries: int, de
     if asked is not None and math.isfinite(asked) and 0 < asked <= SDK_MAX_RETRY_AFTER_S:
         delay = asked
     else:
+        import random
+
         delay = min(SDK_INITIAL_RETRY_DELAY_S * 2.0 ** min(retries_taken, 1000), SDK_MAX_RETRY_DELAY_S)
         delay *= 1 - 0.25 * random.random()
     log.info("retrying request in %.2fs (retry %d of %d) after: %s", delay, retries_taken + 1, max_retries, err)

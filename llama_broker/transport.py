@@ -165,7 +165,8 @@ class Call:
         self.redirects = redirects
         # Credentials (the key, secret headers, user:pass@) belong to the
         # configured server: a redirect to another scheme, host or port gets none.
-        self.same_origin = _origin(self.url) == _origin(cfg.endpoint)
+        # (cfg.url is the endpoint's own origin by construction)
+        self.same_origin = url is None or _origin(self.url) == _origin(cfg.endpoint)
         if self.same_origin and redirects:
             self.url = _with_userinfo(self.url, cfg.endpoint)
         self._key: Optional[str] = None
@@ -176,9 +177,7 @@ class Call:
         self.body_parts: List[bytes] = []
         self.body_len = 0
         self.body_truncated = False
-        self.content_type = ""
-        self.location: Optional[str] = None
-        self.header_lines: List[bytes] = []  # the last response's, for an error's headers
+        self.header_lines: List[bytes] = []  # the last response's (its status line first)
         self.streaming = streaming
         self.method = method
         self.idle_s = None if cfg.idle_timeout_ms is None else cfg.idle_timeout_ms / 1000.0
@@ -232,10 +231,9 @@ class Call:
         # header (X-Api-Key ...) to whatever host the Location names: with
         # follow_redirects, finish() returns the next URL and the caller starts
         # a new Call for it, whose headers are chosen for that hop's origin.
-        c.setopt(pycurl.FOLLOWLOCATION, 0)
+        # (FOLLOWLOCATION 0, SSL_VERIFYPEER 1 and SSL_VERIFYHOST 2 are what
+        # reset() left: curl's defaults.)
         if cfg.verify:
-            c.setopt(pycurl.SSL_VERIFYPEER, 1)
-            c.setopt(pycurl.SSL_VERIFYHOST, 2)
             if cfg.ca_bundle:
                 c.setopt(pycurl.CAINFO, cfg.ca_bundle)
         else:
@@ -289,36 +287,54 @@ class Call:
             return 0
 
     def header(self, line: bytes) -> Optional[int]:
-        # Called per header line (pycurl forbids getinfo() during perform()).
-        # Like write(), it never lets an exception escape into pycurl.
+        # Called per header line (pycurl forbids getinfo() during perform()):
+        # kept raw, read when needed (content_type, location, an error's
+        # headers). Like write(), it never lets an exception escape into pycurl.
         try:
-            self._header(line)
+            if line[:5] == b"HTTP/":
+                # A new status line (redirect, 100 Continue) starts a new header block.
+                parts = line.split(None, 2)
+                try:
+                    self.status = int(parts[1])
+                except (IndexError, ValueError):
+                    self.status = None
+                self.header_lines = [line]
+            else:
+                self.header_lines.append(line)
             return None
         except BaseException as e:  # noqa: BLE001 - re-raised by finish()
             self.exc = e
             return 0
 
-    def _header(self, line: bytes) -> None:
-        # A new status line (redirect, 100 Continue) starts a new header block.
-        if line[:5] == b"HTTP/":
-            parts = line.split(None, 2)
-            try:
-                self.status = int(parts[1])
-            except (IndexError, ValueError):
-                self.status = None
-            self.content_type = ""
-            self.location = None
-            self.header_lines = []
-            return
-        name, sep, value = line.partition(b":")
-        if not sep:
-            return
-        self.header_lines.append(line)
-        name = name.strip().lower()
-        if name == b"content-type":
-            self.content_type = value.strip().decode("latin-1").lower()
-        elif name == b"location":
-            self.location = value.strip().decode("latin-1")
+    def _header_fields(self) -> List[Tuple[bytes, bytes]]:
+        """(lower-case name, value) of the last response's header lines."""
+        out = []
+        for line in self.header_lines:
+            if line[:5] == b"HTTP/":
+                continue
+            name, sep, value = line.partition(b":")
+            if sep:
+                out.append((name.strip().lower(), value.strip()))
+        return out
+
+    def _header_value(self, name: bytes) -> Optional[str]:
+        """The last response's header ``name`` (lower case; the last one sent), or None."""
+        found = None
+        for k, v in self._header_fields():
+            if k == name:
+                found = v
+        return None if found is None else found.decode("latin-1")
+
+    @property
+    def content_type(self) -> str:
+        """The response's Content-Type, lower-cased (``""`` when none)."""
+        v = self._header_value(b"content-type")
+        return v.lower() if v is not None else ""
+
+    @property
+    def location(self) -> Optional[str]:
+        """The response's Location header, if any."""
+        return self._header_value(b"location")
 
     def _first_bytes(self) -> None:
         status = self.status or 0
@@ -455,6 +471,8 @@ class Call:
         secrets = self._secrets()
         pairs = []
         for line in self.header_lines:
+            if line[:5] == b"HTTP/" or b":" not in line:
+                continue
             name, _, value = line.decode("latin-1").partition(":")
             value = value.strip()
             for sec in secrets:

@@ -83,6 +83,7 @@ class Reply:
     gzip: bool = False            # compress when the client accepts gzip
     keep_alive: bool = True
     delay: float = 0.0            # seconds of silence before the status line
+    interim: Sequence[bytes] = ()  # raw informational responses sent first ("HTTP/1.1 100 Continue\r\n...\r\n\r\n")
 
 
 @dataclass
@@ -475,6 +476,8 @@ class LoopbackServer:
         if r.body and isinstance(r.body[0], Reset):
             _reset(conn)
             return "reset", False
+        for block in r.interim:
+            self._send(conn, block)
         head = [f"HTTP/1.1 {r.status} {r.reason or _REASONS.get(r.status, 'Status')}"]
         head += [f"{k}: {v}" for k, v in r.headers]
         if gz:

@@ -92,6 +92,29 @@ def test_stream_every_write_pattern(srv, pattern):
     assert res.deltas == len(tokens)
 
 
+CONTINUE_HTML = b"HTTP/1.1 100 Continue\r\nContent-Type: text/html\r\nX-Interim: yes\r\n\r\n"
+
+
+@pytest.mark.parametrize("how", ["chat_stream", "stream"])
+def test_an_interim_response_does_not_lend_its_headers(srv, how):
+    # curl hands a 100 Continue's header lines to the header callback too:
+    # the final response's block alone decides the content type ...
+    tokens = ["a", "b"]
+    srv.script(dataclasses.replace(ok(tokens), interim=[CONTINUE_HTML]))
+    if how == "chat_stream":
+        got, res = run(cfg_for(srv))
+        assert got == tokens and res.finish_reason == "stop", res
+    else:
+        with stream(cfg_for(srv), MSGS) as s:
+            assert [d.content for d in s if d.content] == tokens
+    # ... and is what an error carries.
+    srv.script(dataclasses.replace(api_error(429, "slow down", "rate_limit_error", headers=[("Retry-After", "3")]),
+                                   interim=[CONTINUE_HTML]))
+    got, e = raises(cfg_for(srv), APIError)
+    assert e.status == 429 and e.message == "slow down"
+    assert e.headers.get("retry-after") == "3" and "x-interim" not in e.headers, e.headers
+
+
 def test_request_shape(srv):
     cfg = cfg_for(srv, params={"top_k": 5}, headers={"X-Trace": "abc"})
     got, res = run(cfg, cache_prompt=True, n_probs=0)

@@ -1,4 +1,5 @@
-"""``import llama_broker`` stays cheap: asyncio and the native/OpenAI layers load on first use.
+"""``import llama_broker`` stays cheap: asyncio, the native/OpenAI layers, logging,
+orjson and email load on first use.
 
 A module-set check (what ``python -X importtime`` lists), not a time check:
 the time depends on the machine, the set does not.
@@ -31,6 +32,21 @@ NOT_AT_IMPORT = (
     "llama_broker.ray",
     "ray",
     "pyarrow",
+)
+
+
+#: not imported by `import llama_broker` itself (a module the interpreter's start-up
+#: already loaded, e.g. through a .pth file, does not count): what a request or a
+#: failure needs, imported when it happens
+NOT_ADDED_AT_IMPORT = (
+    "logging",  # llama_broker._log: the package logger is made at the first log call
+    "email",  # policy.retry_after_s: only a Retry-After HTTP date needs it
+    "orjson",  # decoder: at the first payload the C fast path leaves to Python
+    "uuid",  # (orjson's)
+    "zoneinfo",  # (orjson's)
+    "socket",  # the SyncEngine's wake-up pair, made with the engine
+    "random",  # policy: backoff jitter, after a failure
+    "llama_broker.fanout",  # map()/amap()/MapResult
 )
 
 
@@ -107,3 +123,44 @@ def test_import_llama_broker_ray_does_not_load_ray_or_pyarrow():
     assert "llama_broker.ray" in mods and "llama_broker.jobs" in mods
     loaded = sorted(m for m in mods if m.split(".")[0] in ("ray", "pyarrow"))
     assert not loaded, f"`import llama_broker.ray` imported {loaded[:10]}"
+
+
+def test_import_llama_broker_leaves_logging_orjson_and_email_for_later():
+    at_start = _imported("pass")
+    added = _imported("import llama_broker") - at_start
+    assert "llama_broker.decoder" in added  # (the listing works)
+    loaded = sorted(m for m in added if any(m == n or m.startswith(n + ".") for n in NOT_ADDED_AT_IMPORT))
+    assert not loaded, f"`import llama_broker` imported {loaded}"
+
+
+def test_the_lazy_logger_and_decoder_behave_as_eager_ones():
+    # A warning logged before the application configured logging goes nowhere
+    # (the package's NullHandler, attached when the logger is first used), an
+    # application's own handler gets it, and the layers above get the real
+    # JSON decoder.
+    code = (
+        "import logging, sys, llama_broker\n"
+        "from llama_broker.decoder import StreamDecoder\n"
+        "dec = StreamDecoder([].append)\n"
+        "dec.feed_bytes(b'data: {not json\\n\\n')\n"
+        "assert dec.result.skipped == 1, dec.result\n"
+        "lg = logging.getLogger('llama_broker')\n"
+        "assert any(type(h) is logging.NullHandler for h in lg.handlers), lg.handlers\n"
+        "got = []\n"
+        "class H(logging.Handler):\n"
+        "    def emit(self, r): got.append(r.getMessage())\n"
+        "logging.getLogger().addHandler(H())\n"
+        "StreamDecoder([].append).feed_bytes(b'data: {again\\n\\n')\n"
+        "assert got and 'undecodable' in got[0], got\n"
+        "from llama_broker.decoder import json_loads\n"
+        "try:\n"
+        "    import orjson\n"
+        "except ImportError:\n"
+        "    orjson = None\n"
+        "assert orjson is None or json_loads is orjson.loads, json_loads\n"
+        "assert json_loads(b'[1]') == [1]\n"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr == "", out.stderr  # the skipped payload's warning was not printed
