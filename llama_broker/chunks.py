@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -20,7 +19,6 @@ from .decoder import json_loads as _loads  # the same JSON decoder the core uses
 from .errors import ProtocolError
 from .sse import DEFAULT_MAX_EVENT_BYTES, EventSplitter
 
-log = logging.getLogger("llama_broker")
 
 _N = 6  # LB_SSE_FIELDS: records per event
 _DECODE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError)

@@ -37,7 +37,7 @@ from .engine import DEFAULT_MAX_DELAY_MS, AsyncEngine, Engine, SyncEngine, Trans
 from .errors import APIError, BrokerError, ConfigError, ConnectError, ProtocolError, TimeoutError_, TLSVerifyError, TransportError
 from .chunks import ChunkDecoder
 from .replies import ChatAccumulator, TextAccumulator
-from .policy import backoff_s, encode_body, retry_after_s
+from .policy import MIN_JSON_BODY_BYTES, backoff_s, encode_body, retry_after_s
 
 
 __all__ = ["Job", "JobResult", "JobRunner", "KINDS", "error_code"]
@@ -51,8 +51,6 @@ KINDS: Dict[str, str] = {
     "/v1/rerank": "json",
 }
 
-#: a JSON answer (embeddings of a large request) may be far larger than one stream event
-_MIN_JSON_BODY_BYTES = 512 * 1024 * 1024
 #: HTTP statuses worth sending again (the server may answer differently next time)
 _RETRY_STATUSES = {408, 409, 429, 500, 502, 503, 504}
 #: ... and those that also rest the endpoint (it is overloaded or not ready)
@@ -155,7 +153,7 @@ class _Endpoint:
         # A non-streamed answer sends no byte until it is complete: no idle
         # timeout there (timeout_ms still bounds it), and room for a large body.
         self.json_cfg = dataclasses.replace(
-            cfg, max_event_bytes=max(cfg.max_event_bytes, _MIN_JSON_BODY_BYTES), idle_timeout_ms=None
+            cfg, max_event_bytes=max(cfg.max_event_bytes, MIN_JSON_BODY_BYTES), idle_timeout_ms=None
         )
         self.outstanding = 0
         self.rest_until = 0.0

@@ -704,3 +704,84 @@ def test_models_parse_and_raw_equal_the_sdk_on_the_real_server(llama_server):
     assert got[0] == got[1]
     assert got[1]["parse"][0] == "stop" and isinstance(got[1]["parse"][3]["name"], str)
     assert got[1]["length"][0] == "LengthFinishReasonError"
+
+
+# =============================================================================
+# review fixes: large JSON answers, edits through attributes, copies
+# =============================================================================
+
+
+def test_an_embeddings_answer_larger_than_one_stream_event_is_received(srv):
+    # 20 MB of base64 vectors: over max_event_bytes (16 MiB, one SSE event's
+    # bound), which must not bound a plain JSON answer.
+    vec = base64.b64encode(struct.pack("<4096f", *([0.5] * 4096))).decode()
+    n = 20 * 1024 * 1024 // len(vec) + 1
+    body = json.dumps({"object": "list", "model": "m", "usage": {"prompt_tokens": n, "total_tokens": n},
+                       "data": [{"object": "embedding", "index": i, "embedding": vec} for i in range(n)]}).encode()
+    assert len(body) > llama_broker.ModelConfig("http://h").max_event_bytes
+    srv.route("/v1/embeddings", lambda req: raw(200, body, "application/json", HEADERS))
+    counts = []
+    for client in both(srv.url):
+        r = client.embeddings.create(model="m", input=["x"] * n, encoding_format="base64")
+        counts.append((len(r.data), r.data[-1].index, r.data[0].embedding == vec))
+        client.close()
+    assert counts[0] == counts[1] == (n, n - 1, True)
+
+
+def _completion_with_tool_call() -> Dict[str, Any]:
+    return {"id": "x", "object": "chat.completion", "created": 1, "model": "m",
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3, "extra": 1},
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": None,
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}]}
+
+
+def test_edits_made_through_attributes_reach_every_dump_as_with_the_sdk():
+    import copy
+    import pickle
+
+    from openai.types.chat import ChatCompletion as SDKChatCompletion
+
+    outs = []
+    for c in (SDKChatCompletion.model_validate(_completion_with_tool_call()),
+              lbo.ChatCompletion._w(_completion_with_tool_call())):
+        c.choices[0].message.tool_calls.pop()  # a list edited in place
+        c.choices[0].message.content = "done"
+        c.note = [1]
+        c.note.append(2)  # an assigned extra grown in place
+        outs.append((c.model_dump(), c.to_dict(), json.loads(c.model_dump_json()),
+                     pickle.loads(pickle.dumps(c)).model_dump(), copy.deepcopy(c).model_dump()))
+    assert outs[0] == outs[1]
+    assert outs[1][0]["choices"][0]["message"]["tool_calls"] == [] and outs[1][0]["note"] == [1, 2]
+
+
+def test_copies_keep_which_extra_fields_were_set_as_with_the_sdk():
+    import copy
+
+    from openai.types.chat import ChatCompletion as SDKChatCompletion
+
+    sets = []
+    for c in (SDKChatCompletion.model_validate(_completion_with_tool_call()),
+              lbo.ChatCompletion._w(_completion_with_tool_call())):
+        u = c.usage
+        sets.append((u.model_fields_set, copy.copy(u).model_fields_set, copy.deepcopy(u).model_fields_set))
+    assert sets[0] == sets[1] and "extra" in sets[1][1]
+
+
+def test_a_warning_of_the_drop_in_goes_through_the_package_logger_not_stderr():
+    # parse() warns about a custom tool call; before the application set up
+    # logging, the warning must not reach stderr (the package's NullHandler)
+    import subprocess
+    import sys
+
+    code = (
+        "from llama_broker.openai import _resources, ChatCompletion\n"
+        "c = ChatCompletion._w({'id': 'x', 'object': 'chat.completion', 'created': 1, 'model': 'm', 'choices': [\n"
+        "  {'index': 0, 'finish_reason': 'tool_calls', 'message': {'role': 'assistant', 'content': None,\n"
+        "   'tool_calls': [{'id': 'c9', 'type': 'custom', 'custom': {'name': 'x', 'input': 'y'}}]}}]})\n"
+        "p = _resources.parse_completion(c, {'type': 'json_object'}, [])\n"
+        "assert p.choices[0].message.tool_calls is None\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr == ""

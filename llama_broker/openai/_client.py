@@ -111,8 +111,9 @@ class _Options:
             max_retries=max_retries,
             headers=headers,
         )
-        self._cfg_src: Optional[ModelConfig] = None
-        self._cfg_once = self.cfg
+        # (the config, that config sent once): one tuple, swapped whole, so a
+        # thread never pairs a new config with the old one's retries
+        self._cfg_once: Tuple[ModelConfig, ModelConfig] = (self.cfg, replace(self.cfg, max_retries=0))
 
     def url(self, path: str, extra_query: Optional[Mapping[str, Any]] = None) -> str:
         q = dict(self.default_query)
@@ -125,9 +126,10 @@ class _Options:
         # Each attempt goes out once (max_retries 0): the SDK's retry loop
         # (_retrying) decides what is sent again, not the Broker's rule.
         cfg = self.cfg
-        if cfg is not self._cfg_src:
-            self._cfg_src, self._cfg_once = cfg, replace(cfg, max_retries=0)
-        cfg = self._cfg_once
+        once = self._cfg_once
+        if once[0] is not cfg:
+            once = self._cfg_once = (cfg, replace(cfg, max_retries=0))
+        cfg = once[1]
         if extra_headers and _given(extra_headers):
             headers = _SecretHeaders(cfg.headers)
             for k, v in extra_headers.items():

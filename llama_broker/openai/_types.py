@@ -503,6 +503,7 @@ class BaseModel:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self)})"
 
     def __getstate__(self) -> Dict[str, Any]:
+        _sync(self)
         return {"_raw": self._raw, "_valid": _VALID in self.__dict__}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -511,10 +512,18 @@ class BaseModel:
             self.__dict__[_VALID] = True
 
     def __copy__(self: _M) -> _M:
-        return type(self)._w(dict(self._raw))
+        _sync(self)
+        o = type(self)._w(dict(self._raw))
+        if _VALID in self.__dict__:
+            o.__dict__[_VALID] = True
+        return o
 
     def __deepcopy__(self: _M, memo: Dict[int, Any]) -> _M:
-        return type(self)._w(_copy.deepcopy(self._raw, memo))
+        _sync(self)
+        o = type(self)._w(_copy.deepcopy(self._raw, memo))
+        if _VALID in self.__dict__:
+            o.__dict__[_VALID] = True
+        return o
 
     @property
     def model_fields_set(self) -> set:
@@ -541,6 +550,7 @@ class BaseModel:
         declared field, ``None`` when the server left it out (no field has an
         alias, so ``by_alias`` and ``mode`` change nothing)."""
         opts = _DumpOpts(exclude_unset, exclude_none, exclude_defaults, mode == "json")
+        _sync(self)
         out = self._dump_raw(self._raw, opts)
         if include is not None:
             out = {k: v for k, v in out.items() if k in include}
@@ -609,6 +619,37 @@ def _plain(v: Any) -> Any:
         return {k: _plain(x) for k, x in v.items()}
     if v.__class__ is list:
         return [_plain(x) for x in v]
+    return v
+
+
+def _sync(o: BaseModel) -> None:
+    """Write what was read (and cached) back into the data, so an edit made
+    through an attribute (``msg.tool_calls.pop()``, ``c.choices.append(x)``,
+    an assigned list grown in place) is in every dump, as with the SDK's
+    objects. Only fields read so far are cached, so a dump of an object whose
+    fields were never read costs nothing here."""
+    cache = o.__dict__
+    if not cache:
+        return
+    raw = o._raw
+    fields = o._fields
+    for k, v in cache.items():
+        if k == _VALID or (k not in fields and k not in raw):
+            continue
+        if fields.get(k) is _KEPT:
+            continue  # parse()'s object: the data holds it as _Kept already
+        raw[k] = _synced(v)
+
+
+def _synced(v: Any) -> Any:
+    """``v`` as data, after syncing the objects inside it."""
+    if isinstance(v, BaseModel):
+        _sync(v)
+        return v._raw
+    if v.__class__ is list:
+        return [_synced(x) for x in v]
+    if v.__class__ is dict:
+        return {k: _synced(x) for k, x in v.items()}
     return v
 
 
