@@ -77,6 +77,8 @@ _STAGE_KEYS = ("max_delay_ms", "inputs_per_request", "num_cpus", "ray_remote_arg
 #: tokens may wait in the kernel longer than in map's interactive default (10 ms)
 #: and one wake-up reads several tokens of every stream
 STAGE_MAX_DELAY_MS = 50.0
+#: A request's whole time limit in the stage (rows wait for server slots; see build_processor).
+STAGE_TIMEOUT_MS = 600_000
 
 _USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 _TIMINGS_INT = ("prompt_n", "predicted_n", "cache_n")
@@ -514,8 +516,10 @@ def build_processor(
 
     ``endpoints`` are base URLs (``http://host:8080``) or ModelConfigs.
     ``**config`` holds :class:`~llama_broker.ModelConfig` fields applied to
-    URL endpoints (``key_env``, ``timeout_ms``, ``idle_timeout_ms``,
-    ``headers``, ``max_retries`` …) and the stage's own settings:
+    URL endpoints (``key_env``, ``timeout_ms`` — default 600,000 here, since
+    rows queue for a server's slots —, ``idle_timeout_ms`` — default none,
+    for the same reason —, ``headers``, ``max_retries`` …) and the stage's
+    own settings:
     ``max_delay_ms`` (the engine's latency budget, default 50: a row is
     handed out with its whole batch, so its tokens may wait in the kernel and
     one wake-up reads several of each stream),
@@ -551,6 +555,12 @@ def build_processor(
     params = config.get("params") or {}
     # The bodies go out as built here: no ModelConfig default temperature.
     config.setdefault("temperature", None)
+    # A batch's rows queue at the servers (more streams than slots is the
+    # point): a row may wait minutes for a slot without a byte, so the
+    # interactive defaults (60 s in all, 30 s without a byte) would fail rows
+    # that are only queued. As batch jobs: 10 minutes a request, no idle bound.
+    config.setdefault("timeout_ms", STAGE_TIMEOUT_MS)
+    config.setdefault("idle_timeout_ms", None)
     try:
         cfgs = endpoint_configs(list(endpoints), None, **config)
     except TypeError as e:  # an unknown keyword

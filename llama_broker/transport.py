@@ -306,6 +306,14 @@ class Call:
             self.exc = e
             return 0
 
+    @property
+    def headers_complete(self) -> bool:
+        """The final response's header block ended (its blank line came), so
+        :meth:`response_headers` has all of them."""
+        lines = self.header_lines
+        status = self.status
+        return bool(lines) and not lines[-1].strip() and status is not None and status >= 200
+
     def _header_fields(self) -> List[Tuple[bytes, bytes]]:
         """(lower-case name, value) of the last response's header lines."""
         out = []

@@ -785,3 +785,65 @@ def test_a_warning_of_the_drop_in_goes_through_the_package_logger_not_stderr():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stderr == ""
+
+
+def test_a_raw_stream_waits_for_headers_sent_after_the_status_line():
+    # The status line, then a pause, then the headers (separate packets): the
+    # raw response's headers must be the whole block, as with the SDK.
+    import socket
+    import threading
+    import time
+
+    events = b"".join(
+        b"%x\r\n%s\r\n" % (len(e), e)
+        for e in (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":'
+                  b'[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}\n\n', b"data: [DONE]\n\n")
+    ) + b"0\r\n\r\n"
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(4)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                return
+            with conn:
+                buf = b""
+                while b"\r\n\r\n" not in buf:
+                    buf += conn.recv(65536)
+                head, _, rest = buf.partition(b"\r\n\r\n")
+                length = int([ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")][0])
+                while len(rest) < length:
+                    rest += conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                time.sleep(0.3)
+                conn.sendall(b"Content-Type: text/event-stream\r\nX-Request-Id: late-1\r\n"
+                             b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + events)
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    url = "http://127.0.0.1:%d" % lsock.getsockname()[1]
+    try:
+        got = []
+        for client in both(url):
+            r = client.chat.completions.with_raw_response.create(model="m", messages=MSGS, stream=True)
+            got.append((r.headers.get("x-request-id"), r.headers.get("content-type")))
+            assert [c.choices[0].delta.content for c in r.parse()] == ["hi"]
+            client.close()
+        assert got[0] == got[1] == ("late-1", "text/event-stream")
+    finally:
+        stop.set()
+        lsock.close()
+        th.join(5)
+
+
+
+def test_the_raw_wrapper_has_no_beta_as_with_the_sdk(srv):
+    # the SDK's client.with_raw_response.beta has no chat: neither has ours
+    for client in both(srv.url):
+        with pytest.raises(AttributeError):
+            client.with_raw_response.beta.chat.completions.parse
+        client.close()

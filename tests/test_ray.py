@@ -464,3 +464,15 @@ def test_real_llama_server_embeddings(embedding_server: LocalServer) -> None:
         assert r["error"] is None
         assert len(r["embedding"]) == len(w) > 0
         assert max(abs(x - y) for x, y in zip(r["embedding"], w)) < 1e-4
+
+
+def test_rows_queued_for_a_slot_are_not_failed_by_the_interactive_timeouts() -> None:
+    # rows queue at the servers for minutes without a byte: the stage's
+    # requests get batch jobs' bounds unless the caller sets their own
+    from llama_broker.ray import STAGE_TIMEOUT_MS, build_processor
+
+    proc = build_processor(endpoints=["http://127.0.0.1:1", "http://127.0.0.1:2"], preprocess=_question)
+    assert [(c.timeout_ms, c.idle_timeout_ms) for c in proc.settings.endpoints] == [(STAGE_TIMEOUT_MS, None)] * 2
+    assert STAGE_TIMEOUT_MS > llama_broker.ModelConfig("http://h").timeout_ms
+    own = build_processor(endpoints=["http://127.0.0.1:1"], preprocess=_question, timeout_ms=5000, idle_timeout_ms=700)
+    assert (own.settings.endpoints[0].timeout_ms, own.settings.endpoints[0].idle_timeout_ms) == (5000, 700)

@@ -176,15 +176,21 @@ class EventStream(DeltaStream):
         q.clear()
         return items
 
-    def wait_started(self) -> None:
+    def wait_started(self, *, whole_headers: bool = False) -> None:
         """Drive until the response status is known to be 2xx, an item arrived, or
-        the stream ended — an HTTP error is then raised here."""
+        the stream ended — an HTTP error is then raised here. ``whole_headers``:
+        wait for the end of the response's header block too (a server may send
+        the status line and its headers in separate packets)."""
         q, t = self._queue, self._t
 
         def started() -> bool:
             call = t.call
             status = getattr(call, "status", None) if call is not None else None
-            return bool(q) or t.done or (status is not None and 200 <= status < 300)
+            if bool(q) or t.done:
+                return True
+            if status is None or not 200 <= status < 300:
+                return False
+            return not whole_headers or call.headers_complete
 
         while not started():
             self._engine.drive(started)

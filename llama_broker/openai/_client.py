@@ -331,7 +331,9 @@ class _Engine:
             def open_stream() -> EventStream:
                 s = EventStream(self.broker, p.cfg, p.data, lambda push, t0: p.decoder(push)(t0), url=p.url)
                 try:
-                    s.wait_started()  # an HTTP error is raised by create(), as by the SDK
+                    # An HTTP error is raised by create(), as by the SDK; a raw
+                    # call also waits for the whole header block it hands out.
+                    s.wait_started(whole_headers=_CAPTURE.get() is not None)
                 except BaseException:
                     s.close()
                     raise
