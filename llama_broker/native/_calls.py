@@ -190,7 +190,7 @@ class EventStream(DeltaStream):
                 return True
             if status is None or not 200 <= status < 300:
                 return False
-            return not whole_headers or call.headers_complete
+            return not whole_headers or (call is not None and call.headers_complete)
 
         while not started():
             self._engine.drive(started)
