@@ -638,6 +638,8 @@ def _sync(o: BaseModel) -> None:
             continue
         if fields.get(k) is _KEPT:
             continue  # parse()'s object: the data holds it as _Kept already
+        if v is None and k not in raw:
+            continue  # an absent field read as None stays absent (unset)
         raw[k] = _synced(v)
 
 
