@@ -370,10 +370,12 @@ class BatchSummary:
 
     @property
     def requests_per_s(self) -> float:
+        """Finished requests (ok or failed) per second of ``elapsed_s``; 0.0 before any time passed."""
         return (self.ok + self.failed) / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     @property
     def tokens_per_s(self) -> float:
+        """Completion tokens per second of ``elapsed_s``; 0.0 before any time passed."""
         return self.completion_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     @property
@@ -384,6 +386,7 @@ class BatchSummary:
         return 1 if (self.failed or self.previously_failed) else 0
 
     def to_dict(self) -> Dict[str, Any]:
+        """The fields as a dict, plus ``requests_per_s``, ``tokens_per_s`` and ``exit_code``."""
         d = dataclasses.asdict(self)
         d["requests_per_s"] = self.requests_per_s
         d["tokens_per_s"] = self.tokens_per_s

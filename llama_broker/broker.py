@@ -518,6 +518,7 @@ class DeltaStream:
 
     @property
     def cfg(self) -> ModelConfig:
+        """The :class:`ModelConfig` this stream's request was made with."""
         return self._t.cfg
 
     def __iter__(self) -> Iterator[Delta]:

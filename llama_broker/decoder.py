@@ -365,12 +365,18 @@ class Decoder(Protocol):
     of a ``text/event-stream`` body, ``feed_whole(body)`` a plain body, and
     ``result`` is what the request returns."""
 
-    def feed(self, *batch: Any) -> Any: ...
+    def feed(self, *batch: Any) -> Any:
+        """Decode one splitter batch of an event-stream body."""
+        ...
 
-    def feed_whole(self, body: bytes) -> Any: ...
+    def feed_whole(self, body: bytes) -> Any:
+        """Decode a whole plain (not event-stream) body."""
+        ...
 
     @property
-    def result(self) -> Any: ...
+    def result(self) -> Any:
+        """What the request returns once the body is decoded."""
+        ...
 
 
 class StreamDecoder:
@@ -711,9 +717,11 @@ class JSONBody:
         self.require_object = require_object
 
     def feed(self, out: bytes, recs: List[int]) -> None:
+        """Always a :class:`ProtocolError`: a JSON endpoint must not answer with an event stream."""
         raise ProtocolError("a JSON endpoint answered with an event stream")
 
     def feed_whole(self, body: bytes) -> None:
+        """Parse ``body`` into ``value`` (see the class docstring for empty and non-object bodies)."""
         if body.strip() or self.require_object:
             try:
                 try:

@@ -230,6 +230,7 @@ class Engine:
         self.delay = min(b) if b else 0.0
 
     def set_max_host_connections(self, n: int) -> None:
+        """Limit curl's connections per host to ``n`` (more requests queue in curl); 0 leaves it as it is."""
         if n:
             self.multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, n)
 
@@ -346,6 +347,7 @@ class Engine:
         return True
 
     def schedule_retry(self, t: Transfer, delay: float) -> None:
+        """Start ``t`` again after ``delay`` seconds (each engine times it its own way)."""
         raise NotImplementedError
 
     def check_idle(self, now: float) -> None:
@@ -541,6 +543,7 @@ class SyncEngine(Engine):
 
     # -- start / stop ----------------------------------------------------------------
     def start(self, t: Transfer) -> None:
+        """Start ``t`` under the turn (a driving thread is woken for it); :class:`ConfigError` once closed."""
         self._enter()
         try:
             if self.closed:
@@ -550,6 +553,8 @@ class SyncEngine(Engine):
             self._leave()
 
     def cut(self, t: Transfer) -> None:
+        """Stop ``t`` and close its connection, under the turn; called from inside curl, at the end
+        of the current turn instead."""
         if t.done:
             return
         with self._cv:
@@ -586,6 +591,7 @@ class SyncEngine(Engine):
             self._leave()
 
     def schedule_retry(self, t: Transfer, delay: float) -> None:
+        """Queue ``t`` to start again after ``delay`` seconds (:meth:`drive` starts it when due)."""
         self._retries.append([time.monotonic() + delay, t])
 
     def _forget_retry(self, t: Transfer) -> None:
@@ -992,12 +998,15 @@ class AsyncEngine(Engine):
             raise TransportError(self.closed)
 
     def start(self, t: Transfer) -> None:
+        """Start ``t`` (raises if the engine is closed) and the idle-timeout watch, if not running yet."""
         self.check_open()
         super().start(t)
         if self._watch is None:
             self._watch = self.loop.call_later(self.WATCH_S, self._check_idle)
 
     def schedule_retry(self, t: Transfer, delay: float) -> None:
+        """Start ``t`` again after ``delay`` seconds through a loop timer (an error then ends ``t``)."""
+
         def again() -> None:
             self._retrying.pop(t, None)
             if t.done:

@@ -330,6 +330,7 @@ class Fanout:
 
     @property
     def finished(self) -> bool:
+        """Every request was read, sent and answered, and every result handed out."""
         return self._exhausted and not self._requeue and not self._live and not self._ready
 
     def _wait_hint(self) -> float:

@@ -219,6 +219,7 @@ class JobRunner:
 
     @property
     def in_flight(self) -> int:
+        """The jobs running now (started, no result yet)."""
         return len(self._live)
 
     # -- scheduling ------------------------------------------------------------------
@@ -390,6 +391,8 @@ class JobRunner:
 
     @property
     def finished(self) -> bool:
+        """No job runs and every result was handed out, and either :meth:`stop` was called or
+        every job was read and none waits for a retry."""
         if self._live or self._ready:
             return False
         return self.stopping or (self._exhausted and not self._requeue)

@@ -60,6 +60,7 @@ class ToolCallAssembler:
         self._last: Optional[int] = None
 
     def add(self, fragments: Sequence[Any]) -> None:
+        """Merge one delta's ``tool_calls`` fragments (non-dict items are ignored)."""
         for frag in fragments:
             if frag.__class__ is not dict:
                 continue
@@ -157,26 +158,32 @@ class ChatReply:
 
     @property
     def content(self) -> str:
+        """The first choice's ``content`` (``""`` when there is none)."""
         return self._first().content
 
     @property
     def reasoning_content(self) -> Optional[str]:
+        """The first choice's ``reasoning_content``."""
         return self._first().reasoning_content
 
     @property
     def tool_calls(self) -> List[ToolCall]:
+        """The first choice's ``tool_calls``."""
         return self._first().tool_calls
 
     @property
     def finish_reason(self) -> Optional[str]:
+        """The first choice's ``finish_reason``."""
         return self._first().finish_reason
 
     @property
     def logprobs(self) -> Optional[Dict[str, Any]]:
+        """The first choice's ``logprobs``."""
         return self._first().logprobs
 
     @property
     def message(self) -> Dict[str, Any]:
+        """The first choice's ``message``."""
         return self._first().message
 
     def to_openai(self) -> Dict[str, Any]:
@@ -292,6 +299,7 @@ class ChatAccumulator(_AccBase):
         self.on_delta = on_delta
 
     def add(self, chunk: Dict[str, Any]) -> None:
+        """Fold one ``chat.completion.chunk`` into every choice it names, and call ``on_delta``."""
         self._meta(chunk)
         choices = chunk.get("choices")
         if not choices:
@@ -385,14 +393,17 @@ class TextReply:
 
     @property
     def text(self) -> str:
+        """The first choice's text; ``""`` when there is none."""
         return self.choices[0].text if self.choices else ""
 
     @property
     def finish_reason(self) -> Optional[str]:
+        """The first choice's ``finish_reason``, or None."""
         return self.choices[0].finish_reason if self.choices else None
 
     @property
     def logprobs(self) -> Optional[Dict[str, Any]]:
+        """The first choice's ``logprobs``, or None."""
         return self.choices[0].logprobs if self.choices else None
 
     def to_openai(self) -> Dict[str, Any]:
@@ -427,6 +438,7 @@ class TextAccumulator(_AccBase):
         self.on_text = on_text
 
     def add(self, chunk: Dict[str, Any]) -> None:
+        """Fold one ``text_completion`` chunk into every choice it names, and call ``on_text``."""
         self._meta(chunk)
         for c in chunk.get("choices") or ():
             acc = self._choice(c)
@@ -443,6 +455,7 @@ class TextAccumulator(_AccBase):
                 acc.add_logprobs(logprobs)
 
     def reply(self, result: Optional[StreamResult] = None) -> TextReply:
+        """The whole answer so far (call it after the stream ended)."""
         self._finish(result)
         return TextReply(
             choices=[

@@ -242,6 +242,7 @@ class Call:
 
     # -- the progress callback (per curl loop turn, and a few times a second) ---
     def progress(self, dltotal: int, dlnow: int, ultotal: int, ulnow: int) -> Optional[int]:
+        """curl's progress callback: returns 1 (abort) once no byte came for the idle timeout."""
         # While bytes flow this is one comparison: the clock is read only once
         # the count stops moving, to time the idle gap.
         if dlnow != self._last_dlnow:
@@ -260,6 +261,8 @@ class Call:
 
     # -- the write callback (per network chunk) ---------------------------------
     def write(self, chunk: bytes) -> Optional[int]:
+        """curl's write callback: an event-stream chunk goes to the decoder, any other body is kept
+        (bounded). Returns 0 (abort) on an error, which :meth:`finish` raises."""
         # The per-chunk path: nothing but the decoder (bytes are counted by
         # curl, read in finish()).
         if self.mode == 1:
@@ -287,6 +290,7 @@ class Call:
             return 0
 
     def header(self, line: bytes) -> Optional[int]:
+        """curl's header callback: keeps each raw line; a status line starts a new block."""
         # Called per header line (pycurl forbids getinfo() during perform()):
         # kept raw, read when needed (content_type, location, an error's
         # headers). Like write(), it never lets an exception escape into pycurl.

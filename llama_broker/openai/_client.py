@@ -534,31 +534,39 @@ class OpenAI:
 
     @property
     def with_streaming_response(self) -> Any:
+        """``with client.with_streaming_response.chat.completions.create(...) as r:`` and the like: the raw
+        response as a context manager; the request is sent when the block is entered."""
         return _RawClient(self, "with_streaming_response")
 
     # the SDK's client attributes
     @property
     def api_key(self) -> Optional[str]:
+        """The API key in use (the SDK's ``client.api_key``), or None."""
         return self._opts.api_key
 
     @property
     def base_url(self) -> str:
+        """The API base URL with a trailing ``/``, as the SDK's ``client.base_url`` prints."""
         return self._opts.base_url + "/"
 
     @property
     def max_retries(self) -> int:
+        """Retries after a failed attempt (the SDK's ``client.max_retries``)."""
         return self._opts.max_retries
 
     @property
     def timeout(self) -> Any:
+        """The ``timeout`` the client was given (seconds, None or a Timeout), as the SDK's ``client.timeout``."""
         return self._opts.timeout
 
     @property
     def organization(self) -> Optional[str]:
+        """The organization (the SDK's ``client.organization``), or None."""
         return self._opts.organization
 
     @property
     def project(self) -> Optional[str]:
+        """The project (the SDK's ``client.project``), or None."""
         return self._opts.project
 
     def with_options(self, **kw: Any) -> "OpenAI":
@@ -738,6 +746,7 @@ class AsyncOpenAI:
         return await self._retrying(p.request, whole)
 
     def with_options(self, **kw: Any) -> "AsyncOpenAI":
+        """A new client with some settings changed (the SDK's ``with_options``/``copy``)."""
         return OpenAI.with_options(self, **kw)  # type: ignore[arg-type,return-value]
 
     copy = with_options

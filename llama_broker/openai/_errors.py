@@ -113,35 +113,49 @@ class APIStatusError(APIError, _e.APIError):
 
 
 class BadRequestError(APIStatusError):
+    """HTTP 400 (the SDK's ``BadRequestError``)."""
+
     status_code = 400
 
 
 class AuthenticationError(APIStatusError):
+    """HTTP 401 (the SDK's ``AuthenticationError``)."""
+
     status_code = 401
 
 
 class PermissionDeniedError(APIStatusError):
+    """HTTP 403 (the SDK's ``PermissionDeniedError``)."""
+
     status_code = 403
 
 
 class NotFoundError(APIStatusError):
+    """HTTP 404 (the SDK's ``NotFoundError``)."""
+
     status_code = 404
 
 
 class ConflictError(APIStatusError):
+    """HTTP 409 (the SDK's ``ConflictError``)."""
+
     status_code = 409
 
 
 class UnprocessableEntityError(APIStatusError):
+    """HTTP 422 (the SDK's ``UnprocessableEntityError``)."""
+
     status_code = 422
 
 
 class RateLimitError(APIStatusError):
+    """HTTP 429 (the SDK's ``RateLimitError``)."""
+
     status_code = 429
 
 
 class InternalServerError(APIStatusError):
-    pass
+    """HTTP 500 or above (the SDK's ``InternalServerError``)."""
 
 
 _STATUS_ERRORS: Dict[int, Type[APIStatusError]] = {

@@ -120,26 +120,32 @@ class LegacyAPIResponse:
 
     @property
     def http_request(self) -> _Request:
+        """The request's method and URL (the SDK gives an httpx request)."""
         return _Request(self.method, self.url)
 
     @property
     def http_response(self) -> _Response:
+        """Status, request, body and headers (the SDK gives an httpx response); the body is empty for a stream."""
         return _Response(self.status_code, self.http_request, "" if self._stream else self.text, self.headers)
 
     @property
     def request_id(self) -> Optional[str]:
+        """The ``x-request-id`` response header, or None (llama-server sends none)."""
         return self.headers.get("x-request-id")
 
     @property
     def http_version(self) -> str:
+        """Always ``"HTTP/1.1"``."""
         return "HTTP/1.1"
 
     @property
     def is_closed(self) -> bool:
+        """True once the body is read: always, except with ``stream=True``."""
         return not self._stream
 
     @property
     def content(self) -> bytes:
+        """The body (see the class docstring); a :class:`ConfigError` with ``stream=True``."""
         if self._stream:
             raise ConfigError("with stream=True the body is read through parse() (the Stream)")
         if self._body is not None:
@@ -148,9 +154,11 @@ class LegacyAPIResponse:
 
     @property
     def text(self) -> str:
+        """``content`` decoded as UTF-8 (bad bytes replaced)."""
         return self.content.decode("utf-8", "replace")
 
     def json(self) -> Any:
+        """``content`` parsed as JSON."""
         return json.loads(self.content)
 
     def __repr__(self) -> str:
@@ -162,6 +170,7 @@ class AsyncAPIResponse(LegacyAPIResponse):
     with ``await parse()`` (the SDK's async shape)."""
 
     async def parse(self, *, to: Any = None) -> Any:  # type: ignore[override]
+        """What the plain call returns (see :meth:`LegacyAPIResponse.parse`)."""
         return LegacyAPIResponse.parse(self, to=to)
 
 

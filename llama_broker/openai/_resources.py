@@ -25,7 +25,6 @@ from ._types import (
     CreateEmbeddingResponse,
     Model,
     ParsedChatCompletion,
-    SyncPage,
     _given,
     _plain,
 )
@@ -126,10 +125,12 @@ class Embeddings:
 
     @property
     def with_raw_response(self) -> Any:
+        """``embeddings.with_raw_response.create(...)``: a :class:`LegacyAPIResponse`."""
         return _RawResource(self)
 
     @property
     def with_streaming_response(self) -> Any:
+        """``with embeddings.with_streaming_response.create(...) as r:``: the raw response in a ``with`` block."""
         return _StreamingResource(self)
 
     def create(
@@ -166,6 +167,7 @@ class AsyncEmbeddings(Embeddings):
         user: Any = NOT_GIVEN,
         **kwargs: Any,
     ) -> Any:
+        """As :meth:`Embeddings.create`, awaited."""
         body, options = _embedding_body(model, input, dimensions, encoding_format, user, kwargs)
         value = await ajson_call(self._client, "POST", "/embeddings", body, options)
         return _embedding_response(value, encoding_format)
@@ -187,10 +189,12 @@ def _model_path(model: Any) -> str:
 
 
 def retrieve_model(client: Any, model: Any, options: Dict[str, Any]) -> Any:
+    """``models.retrieve(model)``: ``GET /models/{model}`` as a :class:`Model`."""
     return Model._w(_object(json_call(client, "GET", _model_path(model), None, options), "/models/{id}"))
 
 
 async def aretrieve_model(client: Any, model: Any, options: Dict[str, Any]) -> Any:
+    """As :func:`retrieve_model`, awaited."""
     value = await ajson_call(client, "GET", _model_path(model), None, options)
     return Model._w(_object(value, "/models/{id}"))
 
@@ -199,10 +203,6 @@ def _page(body: Any, cls: Any) -> Any:
     if not isinstance(body, dict) or not isinstance(body.get("data"), list):
         raise APIResponseValidationError(f"/models answered without a data list: {str(body)[:200]!r}")
     return cls([Model._w(m) if isinstance(m, dict) else m for m in body["data"]], body.get("object", "list"))
-
-
-def models_page(client: Any, options: Dict[str, Any]) -> SyncPage:
-    return _page(json_call(client, "GET", "/models", None, options), SyncPage)
 
 
 class AsyncPaginator:
@@ -222,6 +222,7 @@ class AsyncPaginator:
 
 
 def amodels_paginator(client: Any, options: Dict[str, Any]) -> AsyncPaginator:
+    """:class:`AsyncOpenAI`'s ``models.list()``: ``GET /models`` as an :class:`AsyncPage`, fetched when awaited."""
     async def get() -> Any:
         return _page(await ajson_call(client, "GET", "/models", None, options), AsyncPage)
 

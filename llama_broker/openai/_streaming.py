@@ -116,6 +116,7 @@ class Stream:
 
     @property
     def result(self) -> Any:
+        """llama_broker's :class:`StreamResult` (usage, timings, ``ttft_s``) once the stream ended; not in the SDK."""
         return self._events.result
 
     def close(self) -> None:
@@ -157,6 +158,7 @@ class AsyncStream:
 
     @property
     def result(self) -> Any:
+        """As :attr:`Stream.result`."""
         return self._events.result
 
     async def close(self) -> None:

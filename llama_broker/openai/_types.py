@@ -418,12 +418,14 @@ class BaseModel:
 
     @classmethod
     def construct(cls: Type[_M], **data: Any) -> _M:
+        """``cls(**data)`` (pydantic's ``construct``/``model_construct``; nothing is validated)."""
         return cls(**data)
 
     model_construct = construct
 
     @classmethod
     def model_validate(cls: Type[_M], obj: Mapping[str, Any]) -> _M:
+        """An object over a plain copy of ``obj`` (pydantic's name; the fields are not checked)."""
         return cls._w(_dump(dict(obj)))
 
     @classmethod
@@ -959,6 +961,7 @@ class SyncPage:
         return len(self.data)
 
     def has_next_page(self) -> bool:
+        """Always False: ``/models`` is one page (as in the SDK)."""
         return False
 
     def next_page_info(self) -> None:
@@ -966,6 +969,7 @@ class SyncPage:
         return None
 
     def iter_pages(self) -> Iterator["SyncPage"]:
+        """This page only (the SDK's ``iter_pages``)."""
         yield self
 
     def model_dump(self, **kw: Any) -> Dict[str, Any]:
@@ -980,6 +984,7 @@ class SyncPage:
         return {"data": data, "object": self.object}
 
     def model_dump_json(self, *, indent: Optional[int] = None, **kw: Any) -> str:
+        """:meth:`model_dump` in JSON mode as a string (compact without ``indent``, as pydantic)."""
         kw["mode"] = "json"
         d = self.model_dump(**kw)
         if indent is None:
@@ -987,6 +992,7 @@ class SyncPage:
         return json.dumps(d, indent=indent, ensure_ascii=False)
 
     def to_json(self, *, indent: Optional[int] = 2, **kw: Any) -> str:
+        """The SDK's ``to_json``: :meth:`to_dict` in JSON mode, indented 2 by default."""
         kw["mode"] = "json"
         return json.dumps(self.to_dict(**kw), indent=indent, ensure_ascii=False)
 
@@ -1062,6 +1068,7 @@ class Timeout:
             self.pool = timeout if pool is _UNSET else pool
 
     def as_dict(self) -> Dict[str, Optional[float]]:
+        """``{"connect", "read", "write", "pool"}`` in seconds (None: no limit), as httpx's ``Timeout.as_dict``."""
         return {"connect": self.connect, "read": self.read, "write": self.write, "pool": self.pool}
 
     def __eq__(self, other: object) -> bool:
