@@ -2,7 +2,7 @@
 
 Runs only when asked: ``LB_BENCH_REAL=1`` (and it carries the ``llama_server``
 marker). The server is started through :class:`llama_broker.server.LocalServer`
-with the default model (gemma-3-270m unless ``$LLAMA_MODEL``) and 4 slots;
+with the default model (SmolLM2-135M-Instruct unless ``$LLAMA_MODEL``) and 4 slots;
 when asked, a missing server or model fails the test, it is not skipped.
 
 Every reply is ``LB_BENCH_REAL_TOKENS`` tokens (default 250; short: 100):

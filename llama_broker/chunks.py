@@ -95,6 +95,10 @@ class _DecoderBase:
                 if obj is None:
                     return
                 lenient = True
+        self._accept(obj, payload, lenient)
+
+    def _accept(self, obj: Any, payload: bytes, lenient: bool) -> None:
+        """One decoded payload: the chunk object (or another JSON value)."""
         if self._pending and not lenient and obj.__class__ is dict:  # half a surrogate pair waits for this chunk
             fix_chunk_texts(self._pending, obj)
         self.result.events += 1

@@ -32,7 +32,7 @@ class SDKChunkDecoder(ChunkDecoder):
             self.result.done = True
             return
         try:
-            json_loads(payload)
+            obj = json_loads(payload)
         except ValueError:
             text = payload.decode("utf-8", "replace")
             try:
@@ -40,7 +40,9 @@ class SDKChunkDecoder(ChunkDecoder):
             except ValueError as e:
                 err = e if isinstance(e, json.JSONDecodeError) else json.JSONDecodeError(str(e), text, 0)
                 raise JSONDecodeError(err.msg, err.doc, err.pos) from None
-        super()._payload(payload)
+            super()._payload(payload)  # what json reads and orjson does not: the lenient path
+            return
+        self._accept(obj, payload, False)  # parsed once (the common case)
 
     def _skip(self, payload: bytes, why: str) -> None:
         # Not an object: the SDK yields the value as it is.
