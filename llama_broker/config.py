@@ -20,6 +20,10 @@ _CHAT_PATH = "/v1/chat/completions"
 #: Request headers (lower-case names) whose values are credentials: masked in
 #: reprs and errors, and never sent to another origin on a redirect.
 SECRET_HEADERS = frozenset({"authorization", "x-api-key", "proxy-authorization", "api-key"})
+#: The smallest bound of a plain (non-streamed) 2xx body: a JSON answer such as
+#: the embeddings of many long inputs runs to hundreds of MB, while
+#: ``max_event_bytes`` bounds one server-sent event.
+MIN_JSON_BODY_BYTES = 512 * 1024 * 1024
 
 # RFC 9110 token characters (a header name).
 _TCHAR = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")

@@ -37,7 +37,7 @@ from .engine import DEFAULT_MAX_DELAY_MS, AsyncEngine, Engine, SyncEngine, Trans
 from .errors import APIError, BrokerError, ConfigError, ConnectError, ProtocolError, TimeoutError_, TLSVerifyError, TransportError
 from .chunks import ChunkDecoder
 from .replies import ChatAccumulator, TextAccumulator
-from .policy import MIN_JSON_BODY_BYTES, backoff_s, encode_body, retry_after_s
+from .policy import backoff_s, encode_body, retry_after_s
 
 
 __all__ = ["Job", "JobResult", "JobRunner", "KINDS", "error_code"]
@@ -151,10 +151,9 @@ class _Endpoint:
     def __init__(self, cfg: ModelConfig, order: int) -> None:
         self.cfg = cfg
         # A non-streamed answer sends no byte until it is complete: no idle
-        # timeout there (timeout_ms still bounds it), and room for a large body.
-        self.json_cfg = dataclasses.replace(
-            cfg, max_event_bytes=max(cfg.max_event_bytes, MIN_JSON_BODY_BYTES), idle_timeout_ms=None
-        )
+        # timeout there (timeout_ms still bounds it; the transport gives its
+        # plain body room, config.MIN_JSON_BODY_BYTES).
+        self.json_cfg = dataclasses.replace(cfg, idle_timeout_ms=None)
         self.outstanding = 0
         self.rest_until = 0.0
         self.fails = 0
@@ -436,7 +435,7 @@ class JobRunner:
                     self.abandon(engine)
                 if self.finished:
                     return
-                # a signal (Ctrl-C) ends the wait early: select() returns -1 on EINTR
+                # a signal (Ctrl-C) ends the wait early: the engine's poll() returns on EINTR
                 engine.drive(lambda: bool(ready) or self.abandoned, max_wait=self._wait_hint())
         finally:
             if self._live:

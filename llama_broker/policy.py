@@ -258,8 +258,3 @@ def encode_body(body: Mapping[str, Any], default: Optional[Callable[[Any], Any]]
             except (TypeError, ValueError, UnicodeEncodeError):
                 raise ConfigError(f"request field {k!r} cannot be sent as JSON: {e}") from e
         raise ConfigError(f"the request cannot be sent as JSON: {e}") from e
-
-
-#: The smallest body limit for a plain JSON answer (embeddings of many long
-#: inputs run to hundreds of MB; ``max_event_bytes`` bounds one SSE event).
-MIN_JSON_BODY_BYTES = 512 * 1024 * 1024

@@ -19,7 +19,7 @@ from urllib.parse import urldefrag, urljoin, urlsplit, urlunsplit
 
 import pycurl
 
-from .config import SECRET_HEADERS, ModelConfig, check_header, mask_url
+from .config import MIN_JSON_BODY_BYTES, SECRET_HEADERS, ModelConfig, check_header, mask_url
 from .decoder import Decoder, api_error_from_body
 from .errors import APIError, BrokerError, ConfigError, ConnectError, Headers, ProtocolError, TimeoutError_, TLSVerifyError, TransportError
 from .sse import EventSplitter
@@ -359,8 +359,15 @@ class Call:
         else:
             self.mode = 3
 
+    def _plain_body_limit(self) -> int:
+        """The bound of a non-event-stream 2xx body: one event's (``max_event_bytes``)
+        when a stream was asked for; for a plain request (``streaming=False``:
+        JSON endpoints, embeddings of many inputs) at least ``MIN_JSON_BODY_BYTES``."""
+        limit = self.cfg.max_event_bytes
+        return limit if self.streaming else max(limit, MIN_JSON_BODY_BYTES)
+
     def _keep_body(self, chunk: bytes) -> None:
-        limit = self.cfg.max_error_body_bytes if self.mode == 2 else self.cfg.max_event_bytes
+        limit = self.cfg.max_error_body_bytes if self.mode == 2 else self._plain_body_limit()
         room = limit - self.body_len
         if len(chunk) > room:
             chunk = chunk[: max(room, 0)]
@@ -425,7 +432,8 @@ class Call:
         if self.mode == 3:
             if self.body_truncated:
                 raise ProtocolError(
-                    f"non-event-stream body over max_event_bytes ({self.cfg.max_event_bytes}) from {_safe_url(self.url)}"
+                    f"non-event-stream body over {self._plain_body_limit()} bytes (max_event_bytes "
+                    f"{self.cfg.max_event_bytes}) from {_safe_url(self.url)}"
                 )
             if curl_error is None:
                 self.decoder.feed_whole(b"".join(self.body_parts))

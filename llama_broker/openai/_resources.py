@@ -9,12 +9,11 @@ import base64
 import inspect
 import json
 from array import array
-from dataclasses import replace
 from typing import Any, Awaitable, Callable, Dict, Generator, List, Optional, Tuple
 from urllib.parse import quote
 
 from .._log import log
-from ..policy import MIN_JSON_BODY_BYTES, encode_body
+from ..policy import encode_body
 from ._client import _json_default, _split
 from ._errors import APIResponseValidationError, ContentFilterFinishReasonError, LengthFinishReasonError, _Request
 from ._raw import _RawResource, _StreamingResource, json_decoder
@@ -38,8 +37,6 @@ from ._types import (
 def _json_request(opts: Any, method: str, path: str, body: Optional[Dict[str, Any]], options: Dict[str, Any]) -> Tuple[Any, Optional[bytes], str, _Request]:
     _, extra_headers, extra_query, timeout = _split(dict(options))
     cfg = opts.request_cfg(extra_headers, timeout)
-    if cfg.max_event_bytes < MIN_JSON_BODY_BYTES:  # embeddings of many inputs: far more than one event
-        cfg = replace(cfg, max_event_bytes=MIN_JSON_BODY_BYTES)
     url = opts.url(path, extra_query)
     data = encode_body(body, _json_default) if body is not None else None
     return cfg, data, url, _Request(method, url)
